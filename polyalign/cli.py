@@ -1,0 +1,51 @@
+"""The `polyalign` command. Each subcommand lives in its own module with add_arguments() and main()."""
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import sys
+
+from .errors import PolyalignError
+
+COMMANDS = {
+    "evaluate": ("polyalign.evaluate", "few-shot multilingual evaluation with constrained decoding"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="polyalign", description="Multilingual alignment research on LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        importlib.import_module(args._module).main(args)
+    except PolyalignError as e:
+        print(f"polyalign {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"polyalign {args.command}: error: disk full while writing {e.filename or ''}; "
+                  "free space and rerun to resume", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print(f"polyalign {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Evaluation data: bundled sets, local JSON/JSONL/CSV, Hugging Face datasets, and the paper's release.
+
+Every loader returns, per language, a list of items: dicts with `id`, the task's fields, and
+`label`, a canonical class name. Languages stay parallel by index.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+from .errors import PolyalignError
+from .tasks import Task
+
+
+@dataclass
+class LoadedData:
+    items: dict[str, list[dict]]          # lang -> items (parallel by index)
+    source: str
+    issues: list[str] = field(default_factory=list)   # importer findings, one readable line each
+
+
+# ----------------------------------------------------------------------------- raw readers
+def read_records(path: str | Path) -> list[dict]:
+    """A list of dicts from .json (list, or {"data": [...]}) / .jsonl / .csv, with precise errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise PolyalignError(f"data file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        out = []
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PolyalignError(f"{p}:{n}: malformed JSON line ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise PolyalignError(f"{p}:{n}: expected a JSON object")
+                out.append(rec)
+        return out
+    if suffix == ".json":
+        try:
+            raw = json.loads(p.read_text("utf-8"))
+        except json.JSONDecodeError as e:
+            raise PolyalignError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("data"), list):
+            raw = raw["data"]
+        if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+            raise PolyalignError(f"{p}: expected a list of JSON objects")
+        return raw
+    if suffix in (".csv", ".tsv"):
+        with p.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    raise PolyalignError(f"{p}: unsupported data format {suffix!r} (use .json, .jsonl, .csv or .tsv)")
+
+
+def _class_of(task: Task, lang: str, value, where: str) -> str:
+    """Map a gold value (class name, label word in any mode, or class index) to its canonical class."""
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        i = int(value)
+        if 0 <= i < len(task.classes):
+            return task.classes[i]
+    value = str(value)
+    if value in task.classes:
+        return value
+    for mode in ("english", "native", "agnostic"):
+        try:
+            words = task.label_words(lang, mode)
+        except PolyalignError:
+            continue
+        for cls, word in words.items():
+            if word.casefold() == value.casefold():
+                return cls
+    for alias, cls in ((task.extra.get("release") or {}).get("aliases") or {}).items():
+        if str(alias) == value:
+            return cls
+    raise PolyalignError(f"{where}: gold label {value!r} is not in the label set {task.classes}")
+
+
+def _to_items(task: Task, lang: str, records: list[dict], where: str, fields_map: dict | None = None,
+              label_key: str | None = None) -> list[dict]:
+    fields_map = fields_map or {f: f for f in task.fields}
+    items = []
+    for i, rec in enumerate(records):
+        missing = [src for src in fields_map.values() if src not in rec]
+        if missing:
+            raise PolyalignError(f"{where}: item {i} lacks field(s) {missing} (has {sorted(rec)})")
+        key = label_key or next((k for k in ("label", "answer", "gold") if k in rec), None)
+        if key is None:
+            raise PolyalignError(f"{where}: item {i} has no label/answer field")
+        item = {"id": str(rec.get("id", i))}
+        item.update({f: str(rec[src]) for f, src in fields_map.items()})
+        item["label"] = _class_of(task, lang, rec[key], f"{where}: item {i}")
+        items.append(item)
+    return items
+
+
+# ----------------------------------------------------------------------------- sources
+def _bundled(task: Task, lang: str) -> list[dict]:
+    res = files("polyalign").joinpath(f"resources/data/{task.name}/{lang}.jsonl")
+    if not res.is_file():
+        raise PolyalignError(f"no bundled data for task {task.name!r} in language {lang!r}; pass --data")
+    return _to_items(task, lang, read_records(str(res)), f"bundled {task.name}/{lang}.jsonl")
+
+
+def _pattern(task: Task, lang: str, pattern: str) -> list[dict]:
+    path = pattern.format(lang=lang, task=task.name)
+    return _to_items(task, lang, read_records(path), path)
+
+
+def _hf(task: Task, lang: str, spec: str) -> list[dict]:
+    """hf:NAME[@SPLIT] (NAME may hold {lang}), or a directory saved by `datasets.save_to_disk`."""
+    import datasets
+
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition("@")
+        name = name.format(lang=lang, task=task.name)
+        try:
+            ds = datasets.load_dataset(name, split=split or "test")
+        except Exception as e:  # hub errors come in many types
+            raise PolyalignError(f"cannot load Hugging Face dataset {name!r}: {str(e).splitlines()[0]}") from None
+    else:
+        ds = datasets.load_from_disk(spec.format(lang=lang, task=task.name))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["test"] if "test" in ds else next(iter(ds.values()))
+    return _to_items(task, lang, [dict(r) for r in ds], spec)
+
+
+def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) -> LoadedData:
+    """The paper's release layout. Gold words are in the target language; the class of item i is
+    read from the parallel English file, and each language's words are cross-checked."""
+    spec = task.extra.get("release")
+    if not spec:
+        raise PolyalignError(f"task {task.name!r} has no `release` layout in its task file")
+    read = lambda lang: read_records(root / spec["file"].format(lang=lang))  # noqa: E731
+    english = read("en")
+    en_classes = [_class_of(task, "en", r.get("answer"), f"{root}/{spec['file'].format(lang='en')}: item {i}")
+                  for i, r in enumerate(english)]
+    out, issues = {}, []
+    for lang in langs:
+        records = english if lang == "en" else read(lang)
+        where = str(root / spec["file"].format(lang=lang))
+        if len(records) != len(english):
+            issues.append(f"{task.name}/{lang}: {len(records)} items, English has {len(english)}; "
+                          f"using the first {min(len(records), len(english))}")
+        n = min(len(records), len(english))
+        # Which word does this file use for each class (by the parallel English label)?
+        seen: dict[str, Counter] = defaultdict(Counter)
+        for r, cls in zip(records[:n], en_classes[:n]):
+            seen[cls][str(r.get("answer", ""))] += 1
+        word_to_class = {}
+        for cls, words in seen.items():
+            if len(words) > 1:
+                issues.append(f"{task.name}/{lang}: class {cls} spelled {len(words)} ways: "
+                              + ", ".join(f"{w!r}×{c}" for w, c in words.most_common()))
+            for w, _ in words.most_common():
+                word_to_class.setdefault(w, cls)
+            top = words.most_common(1)[0][0]
+            try:
+                known = _class_of(task, lang, top, where)
+            except PolyalignError:
+                known = None
+            if known is None:
+                native = task.languages[lang].native.get(cls, "?") if lang in task.languages else "?"
+                issues.append(f"{task.name}/{lang}: file word {top!r} for {cls} matches no label word "
+                              f"of the registry (native: {native!r})")
+            elif known != cls:
+                issues.append(f"{task.name}/{lang}: file word {top!r} sits on {cls} items but the registry "
+                              f"reads it as {known}")
+        items = []
+        for i, (r, cls) in enumerate(zip(records[:n], en_classes[:n])):
+            if trust_file_labels:
+                cls = word_to_class.get(str(r.get("answer", "")), cls)
+            item = {"id": str(i)}
+            for f, src in spec["fields"].items():
+                if src not in r:
+                    raise PolyalignError(f"{where}: item {i} lacks field {src!r}")
+                item[f] = str(r[src])
+            item["label"] = cls
+            items.append(item)
+        out[lang] = items
+    return LoadedData(out, f"paper-release:{root}", issues)
+
+
+def load_data(task: Task, langs: list[str], data: str | None = None, limit: int | None = None,
+              trust_file_labels: bool = False) -> LoadedData:
+    """Load `langs` of `task` from `data` (None = bundled) and apply `limit` in parallel."""
+    need = list(dict.fromkeys(["en", *langs])) if limit else list(langs)
+    if data is None:
+        loaded = LoadedData({lang: _bundled(task, lang) for lang in need}, "bundled")
+    elif data.startswith("hf:"):
+        loaded = LoadedData({lang: _hf(task, lang, data) for lang in need}, data)
+    elif "{lang}" in data:
+        loaded = LoadedData({lang: _pattern(task, lang, data) for lang in need}, data)
+    else:
+        root = Path(data)
+        if not root.exists():
+            raise PolyalignError(f"data path not found: {data}")
+        if (root / task.name).is_dir() and any((root / task.name).glob("*.jsonl")):
+            loaded = LoadedData({lang: _pattern(task, lang, str(root / task.name / "{lang}.jsonl"))
+                                 for lang in need}, str(root))
+        elif (root / "dataset_dict.json").exists() or (root / "dataset_info.json").exists():
+            loaded = LoadedData({lang: _hf(task, lang, str(root)) for lang in need}, str(root))
+        else:
+            loaded = _release(task, need, root, trust_file_labels)
+    for lang, items in loaded.items.items():
+        if not items:
+            raise PolyalignError(f"{task.name}/{lang}: the dataset is empty ({loaded.source})")
+    if limit:
+        keep = limit_indices([it["label"] for it in loaded.items["en"]], task.classes, limit)
+        loaded.items = {lang: [items[i] for i in keep if i < len(items)] for lang, items in loaded.items.items()}
+    loaded.items = {lang: loaded.items[lang] for lang in langs}
+    return loaded
+
+
+def limit_indices(labels: list[str], classes: list[str], limit: int) -> list[int]:
+    """The first limit/k items of each of the k classes, in file order (remainder to the first classes)."""
+    quota = {c: limit // len(classes) + (1 if i < limit % len(classes) else 0) for i, c in enumerate(classes)}
+    keep = []
+    for i, lab in enumerate(labels):
+        if quota.get(lab, 0) > 0:
+            quota[lab] -= 1
+            keep.append(i)
+    return keep

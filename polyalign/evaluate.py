@@ -1,0 +1,280 @@
+"""`polyalign evaluate`: few-shot multilingual evaluation with constrained decoding.
+
+Writes <output>/samples/<task>/<labels>/<lang>.jsonl (one line per item, appended batch by batch,
+so a killed run loses nothing and a rerun resumes) and <output>/results.json (atomically, after
+every finished language). Under `accelerate launch` each process scores a share of the batches
+and rank 0 merges them into the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import languages
+from .data import load_data
+from .errors import PolyalignError
+from .stats import wilson
+from .store import append_lines, check_fingerprint, content_hash, read_jsonl, write_json, write_jsonl
+from .tasks import LABEL_MODES, Task, parse_tasks
+
+
+@dataclass
+class EvalConfig:
+    model: str = "gemma-3-270m"
+    tasks: str = "amazon_polarity"
+    langs: str = "all"
+    labels: str = "english"
+    scoring: str = "paper"
+    output: str = "runs/eval"
+    data: str | None = None
+    limit: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    adapter: str | None = None
+    batch_tokens: int | None = None
+    max_length: int | None = None
+    trust_file_labels: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
+    p.add_argument("--tasks", default="amazon_polarity", help="comma list of task names or task YAML paths")
+    p.add_argument("--langs", default="all", help="'all', 'high', 'low' or a comma list (en,de,zh)")
+    p.add_argument("--labels", default="english", help="label mode(s): english, native, agnostic (comma list)")
+    p.add_argument("--scoring", default="paper", choices=["paper", "first-token", "sequence"])
+    p.add_argument("--output", default="runs/eval")
+    p.add_argument("--data", default=None, help="data source (default: bundled); see README")
+    p.add_argument("--limit", type=int, default=None, help="N items per language, balanced, parallel")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (loaded, not merged)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
+    p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
+    p.add_argument("--trust-file-labels", action="store_true",
+                   help="paper-release data: take each file's own gold words instead of the parallel English ones")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
+    evaluate(cfg)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _dist():
+    """(rank, world, state) — accelerate's state only when launched with several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        state = PartialState()
+        return state.process_index, state.num_processes, state
+    return 0, 1, None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("polyalign", "torch", "transformers", "peft", "accelerate", "datasets", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_hash() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def sample_path(output: Path, task: str, mode: str, lang: str) -> Path:
+    return output / "samples" / task / mode / f"{lang}.jsonl"
+
+
+def summarize(samples: list[dict], task: str, lang: str, mode: str, rule: str) -> dict:
+    n = len(samples)
+    correct = sum(s["correct"] for s in samples)
+    lo, hi = wilson(correct, n)
+    row = {"task": task, "lang": lang, "labels": mode, "scoring": rule, "n": n,
+           "acc": correct / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
+           "ties": sum(s.get("tied", False) for s in samples),
+           "truncated": sum(s.get("truncated", False) for s in samples)}
+    if rule == "sequence":
+        row["acc_byte"] = sum(s["pred_byte"] == s["gold"] for s in samples) / n if n else float("nan")
+    return row
+
+
+def averages(rows: list[dict]) -> list[dict]:
+    out = []
+    keys = sorted({(r["task"], r["labels"], r["scoring"]) for r in rows})
+    groups = {"all": set(languages.ALL), "high": set(languages.HIGH), "low": set(languages.LOW)}
+    for task, mode, rule in keys:
+        mine = [r for r in rows if (r["task"], r["labels"], r["scoring"]) == (task, mode, rule) and r["n"]]
+        for gname, members in groups.items():
+            sel = [r for r in mine if r["lang"] in members]
+            if sel:
+                out.append({"task": task, "labels": mode, "scoring": rule, "langs": gname, "n_langs": len(sel),
+                            "acc": sum(r["acc"] for r in sel) / len(sel)})
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'task':<16} {'labels':<8} {'lang':<4} {'n':>5} {'acc':>7}  95% CI"]
+    for r in rows:
+        lines.append(f"{r['task']:<16} {r['labels']:<8} {r['lang']:<4} {r['n']:>5} {r['acc']:>7.3f}  "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the job
+def evaluate(cfg: EvalConfig) -> dict:
+    from .scoring import Scorer, decide
+
+    rank, world, state = _dist()
+    tasks: list[Task] = parse_tasks(cfg.tasks)
+    langs = languages.parse_langs(cfg.langs)
+    modes = [m.strip() for m in cfg.labels.split(",") if m.strip()]
+    for m in modes:
+        if m not in LABEL_MODES:
+            raise PolyalignError(f"unknown label mode {m!r}; use {', '.join(LABEL_MODES)}")
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise PolyalignError("--limit must be a positive number")
+    # Validate everything cheap before the model loads: prompts, label words, data.
+    datasets, issues = {}, []
+    for task in tasks:
+        for lang in langs:
+            for m in modes:
+                task.label_words(lang, m)
+            task.demo_prefix(lang, modes[0])
+        loaded = load_data(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
+        datasets[task.name] = loaded.items
+        issues += loaded.issues
+    for line in issues:
+        print(f"data: {line}", file=sys.stderr) if rank == 0 else None
+
+    output = Path(cfg.output)
+    settings = {"model": cfg.model, "adapter": cfg.adapter, "dtype": cfg.dtype, "scoring": cfg.scoring,
+                "data": cfg.data, "limit": cfg.limit, "max_length": cfg.max_length,
+                "trust_file_labels": cfg.trust_file_labels}
+    settings.update({f"task:{t.name}": content_hash(Path(t.path).read_text("utf-8")) for t in tasks})
+    if rank == 0:
+        check_fingerprint(output, "run.json", settings)
+    if state:
+        state.wait_for_everyone()
+
+    from .models import load_model
+    device = cfg.device
+    if state and device == "auto":
+        device = str(state.device)
+    lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter)
+    scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
+
+    from tqdm.auto import tqdm
+    plan = [(t, m, lang) for t in tasks for m in modes for lang in langs]
+    total = sum(len(datasets[t.name][lang]) for t, _, lang in plan)
+    bar = tqdm(total=total, desc="evaluate", unit="item", disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True)
+    rows, overlaps = [], []
+    scored_items = scored_tokens = 0
+    scoring_seconds = 0.0
+    for task, mode, lang in plan:
+        items = datasets[task.name][lang]
+        ids = [it["id"] for it in items]
+        if len(set(ids)) != len(ids):
+            raise PolyalignError(f"{task.name}/{lang}: item ids are not unique")
+        path = sample_path(output, task.name, mode, lang)
+        mine = path if world == 1 else path.with_name(f"{lang}.rank{rank}.jsonl")
+        done = {s["id"] for s in read_jsonl(path, repair=world == 1)}
+        for part in path.parent.glob(f"{lang}.rank*.jsonl"):
+            done |= {s["id"] for s in read_jsonl(part, repair=part == mine)}
+        bar.set_postfix_str(f"{task.name}/{mode}/{lang}")
+        bar.update(sum(1 for i in ids if i in done))
+        if len(done) < len(items):
+            started = time.perf_counter()
+            group = scorer.prepare(task, lang, mode, items)
+            overlaps += [f"{task.name}/{mode}/{lang}: {d}" for d in group.plan.describe_overlaps(lm.tokenizer)]
+            words = group.plan.words
+            for b_index, batch in enumerate(scorer.batches(group)):
+                if b_index % world != rank:
+                    continue
+                todo = [i for i in batch if group.items[i].item["id"] not in done]
+                if not todo:
+                    continue
+                # The whole batch is recomputed so that its numbers are identical to an uninterrupted run.
+                results = scorer.score(group, batch)
+                records = []
+                for i, res in zip(batch, results):
+                    p = group.items[i]
+                    if p.item["id"] in done:
+                        continue
+                    pred, tied = decide(res["scores"])
+                    rec = {"id": p.item["id"], "task": task.name, "lang": lang, "labels": mode,
+                           "prompt": p.prompt, "choices": words, "scores": res["scores"],
+                           "pred": task.classes[pred], "gold": p.item["label"],
+                           "correct": task.classes[pred] == p.item["label"], "tied": tied,
+                           "truncated": p.truncated}
+                    if "scores_per_byte" in res:
+                        rec["scores_per_byte"] = res["scores_per_byte"]
+                        rec["pred_byte"] = task.classes[decide(res["scores_per_byte"])[0]]
+                    records.append(rec)
+                    scored_tokens += len(scorer.rows(group, p)[0])
+                append_lines(mine, records)
+                scored_items += len(records)
+                bar.update(len(records) * world)
+            scoring_seconds += time.perf_counter() - started
+        if state:
+            state.wait_for_everyone()
+        if rank == 0:
+            merged = {s["id"]: s for s in read_jsonl(path)}
+            parts = list(path.parent.glob(f"{lang}.rank*.jsonl"))
+            for part in parts:
+                merged.update({s["id"]: s for s in read_jsonl(part)})
+            ordered = [merged[i] for i in ids if i in merged]
+            if parts or [s["id"] for s in read_jsonl(path)] != [s["id"] for s in ordered]:
+                write_jsonl(path, ordered)  # canonical file order, identical whatever the resume history
+                for part in parts:
+                    part.unlink()
+            rows.append(summarize(ordered, task.name, lang, mode, cfg.scoring))
+            bar.write(f"{task.name:<16} {mode:<8} {lang:<3} acc {rows[-1]['acc']:.3f}  (n={rows[-1]['n']})")
+            _write_results(output, cfg, lm, rows, issues, overlaps, scoring_seconds, scored_items, scored_tokens)
+        if state:
+            state.wait_for_everyone()
+    bar.close()
+    results = None
+    if rank == 0:
+        results = _write_results(output, cfg, lm, rows, issues, overlaps, scoring_seconds, scored_items,
+                                 scored_tokens)
+        print(format_table(rows))
+        for a in results["averages"]:
+            print(f"average {a['task']}/{a['labels']} over {a['langs']} ({a['n_langs']} langs): {a['acc']:.3f}")
+        print(f"results: {output / 'results.json'}")
+    return results
+
+
+def _write_results(output, cfg, lm, rows, issues, overlaps, seconds, items, tokens) -> dict:
+    results = {
+        "rows": rows,
+        "averages": averages(rows),
+        "model": {"name": cfg.model, "adapter": cfg.adapter, "dtype": str(lm.dtype).replace("torch.", ""),
+                  "device": str(lm.device)},
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "extra")},
+        "versions": versions(),
+        "git": git_hash(),
+        "timing": {"model_load_s": round(lm.load_seconds, 3), "scoring_s": round(seconds, 3),
+                   "items_scored": items, "items_per_s": round(items / seconds, 3) if seconds else None,
+                   "tokens_per_s": round(tokens / seconds, 1) if seconds else None},
+        "data_issues": issues,
+        "label_overlaps": overlaps,
+    }
+    write_json(output / "results.json", results)
+    return results

@@ -1,0 +1,191 @@
+"""Constrained decoding: score each class of an item under one of three rules.
+
+- paper:       one softmax at the answer position; a class scores the summed probability of its
+               label's token set (see labels.paper_token_set), as the paper's release does.
+- first-token: the probability of the label's first token.
+- sequence:    the label's full log-likelihood (summed; per UTF-8 byte as a second score), as
+               lm-evaluation-harness does.
+When all labels share leading tokens, they are appended to the prompt and the labels are told
+apart at the first differing position (labels.LabelPlan).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PolyalignError
+from .labels import LabelPlan, label_plan
+from .runner import PrefixRunner, common_prefix_len, max_context, unembed
+from .tasks import Task
+
+RULES = ("paper", "first-token", "sequence")
+
+
+@dataclass
+class Prepared:
+    index: int
+    item: dict
+    prompt: str
+    cached_len: int          # tokens of this prompt covered by the shared prefix cache
+    suffix: list[int]        # the prompt's remaining tokens
+    truncated: bool
+
+
+@dataclass
+class Group:
+    """Everything needed to score one (task, language, label mode)."""
+    task: Task
+    lang: str
+    mode: str
+    plan: LabelPlan
+    prefix_ids: list[int]
+    items: list[Prepared]
+
+
+class Scorer:
+    def __init__(self, model, tokenizer, rule: str = "paper", token_budget: int | None = None,
+                 max_length: int | None = None):
+        if rule not in RULES:
+            raise PolyalignError(f"unknown scoring rule {rule!r}; use one of {', '.join(RULES)}")
+        self.model, self.tokenizer, self.rule = model, tokenizer, rule
+        self.runner = PrefixRunner(model, tokenizer, token_budget)
+        self.max_length = min(max_length or 1 << 30, max_context(model, tokenizer))
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    # ------------------------------------------------------------------ preparation
+    def prepare(self, task: Task, lang: str, mode: str, items: list[dict]) -> Group:
+        words = task.label_words(lang, mode)
+        plan = label_plan(self.tokenizer, task.classes, [words[c] for c in task.classes])
+        prefix_text = task.demo_prefix(lang, mode)
+        prefix_ids = self._encode([prefix_text])[0]
+        extra = len(plan.common) + (max(len(c) for c in plan.cont) if self.rule == "sequence" else 0)
+        budget = self.max_length - extra
+        if len(prefix_ids) + 1 > budget:
+            raise PolyalignError(f"{task.name}/{lang}: the few-shot demos alone take {len(prefix_ids)} tokens; "
+                                 f"the context holds {self.max_length}")
+        prompts = [prefix_text + task.query(lang, it) for it in items]
+        encoded = self._encode(prompts)
+        prepared = []
+        for i, (it, prompt, ids) in enumerate(zip(items, prompts, encoded)):
+            truncated = False
+            if len(ids) > budget:
+                it, prompt, ids = self._truncate(task, lang, it, prefix_text, budget)
+                truncated = True
+            # Usually the whole prefix; one token less where the tokenizer merges across the boundary.
+            cached = min(common_prefix_len(ids, prefix_ids), len(ids) - 1)
+            prepared.append(Prepared(i, it, prompt, cached, ids[cached:], truncated))
+        return Group(task, lang, mode, plan, prefix_ids, prepared)
+
+    def _truncate(self, task: Task, lang: str, item: dict, prefix_text: str, budget: int):
+        """Shorten the longest field of the test item (never the demos or the answer cue)."""
+        item = dict(item)
+        for _ in range(50):
+            prompt = prefix_text + task.query(lang, item)
+            ids = self._encode([prompt])[0]
+            excess = len(ids) - budget
+            if excess <= 0:
+                return item, prompt, ids
+            lengths = {f: len(self.tokenizer(item[f], add_special_tokens=False)["input_ids"]) for f in task.fields}
+            f = max(task.fields, key=lambda k: lengths[k])
+            if lengths[f] == 0:
+                break
+            toks = self.tokenizer(item[f], add_special_tokens=False)["input_ids"]
+            item[f] = self.tokenizer.decode(toks[: max(0, len(toks) - excess - 1)])
+        raise PolyalignError(f"{task.name}/{lang}: cannot fit item {item.get('id')} into {budget} tokens")
+
+    # ------------------------------------------------------------------ scoring
+    def rows(self, group: Group, p: Prepared) -> list[list[int]]:
+        """Token rows that one item needs after the cache: one, or one per class for `sequence`."""
+        if self.rule == "sequence":
+            return [p.suffix + c for c in group.plan.cont]
+        return [p.suffix + group.plan.common]
+
+    def batches(self, group: Group) -> list[list[int]]:
+        k = len(group.plan.classes) if self.rule == "sequence" else 1
+        lengths = [max(len(r) for r in self.rows(group, p)) * k for p in group.items]
+        return self.runner.batches(lengths)
+
+    @torch.inference_mode()
+    def score(self, group: Group, batch: list[int]) -> list[dict]:
+        """Scores for the items at `batch` indices: [{"scores": [...], "scores_per_byte"?: [...]}]."""
+        plan, out = group.plan, []
+        by_cache: dict[int, list[int]] = {}
+        for i in batch:
+            by_cache.setdefault(group.items[i].cached_len, []).append(i)
+        results: dict[int, dict] = {}
+        for cached_len, idx in by_cache.items():
+            prefix = self.runner.prefix(group.prefix_ids[:cached_len])
+            rows, spans = [], []
+            for i in idx:
+                r = self.rows(group, group.items[i])
+                spans.append((len(rows), len(r)))
+                rows.extend(r)
+            hidden, _ = self.runner.forward(prefix, rows)
+            if self.rule == "sequence":
+                per_row = self._sequence(group, idx, rows, hidden)
+                for (start, n), i in zip(spans, idx):
+                    ll = per_row[start:start + n]
+                    nbytes = [len(w.encode("utf-8")) for w in plan.words]
+                    results[i] = {"scores": ll, "scores_per_byte": [x / b for x, b in zip(ll, nbytes)]}
+            else:
+                last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
+                h = hidden[torch.arange(len(rows), device=hidden.device), last]
+                probs = torch.softmax(unembed(self.model, h), dim=-1)
+                for row, i in enumerate(idx):
+                    if self.rule == "paper":
+                        s = [float(probs[row, ids].sum()) for ids in plan.sets]
+                    else:
+                        s = [float(probs[row, t]) for t in plan.first]
+                    results[i] = {"scores": s}
+        for i in batch:
+            out.append(results[i])
+        return out
+
+    def _sequence(self, group: Group, idx: list[int], rows: list[list[int]], hidden) -> list[float]:
+        positions, targets, owner = [], [], []
+        k = len(group.plan.classes)
+        for r, row in enumerate(rows):
+            item = group.items[idx[r // k]]
+            cont = group.plan.cont[r % k]
+            start = len(item.suffix) - 1
+            for t, tok in enumerate(cont):
+                positions.append((r, start + t))
+                targets.append(tok)
+                owner.append(r)
+        rr = torch.tensor([p[0] for p in positions], device=hidden.device)
+        cc = torch.tensor([p[1] for p in positions], device=hidden.device)
+        logp = torch.log_softmax(unembed(self.model, hidden[rr, cc]), dim=-1)
+        tok_ll = logp[torch.arange(len(targets), device=hidden.device), torch.tensor(targets, device=hidden.device)]
+        sums = [0.0] * len(rows)
+        for o, v in zip(owner, tok_ll.tolist()):
+            sums[o] += v
+        return sums
+
+
+def decide(scores: list[float]) -> tuple[int, bool]:
+    """Argmax with ties broken towards the first class (deterministic); returns (index, tied)."""
+    best = max(scores)
+    winners = [i for i, s in enumerate(scores) if s == best]
+    return winners[0], len(winners) > 1
+
+
+@torch.inference_mode()
+def naive_scores(model, tokenizer, plan: LabelPlan, prompt: str, rule: str) -> list[float]:
+    """Reference: one full forward per prompt (per label for `sequence`), full logits, no cache."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    dev = next(model.parameters()).device
+    if rule == "sequence":
+        out = []
+        for cont in plan.cont:
+            full = torch.tensor([ids + cont], device=dev)
+            logp = torch.log_softmax(model(input_ids=full).logits[0].float(), dim=-1)
+            out.append(sum(float(logp[len(ids) - 1 + t, tok]) for t, tok in enumerate(cont)))
+        return out
+    full = torch.tensor([ids + plan.common], device=dev)
+    probs = torch.softmax(model(input_ids=full).logits[0, -1].float(), dim=-1)
+    if rule == "paper":
+        return [float(probs[s].sum()) for s in plan.sets]
+    return [float(probs[t]) for t in plan.first]

@@ -1,0 +1,86 @@
+"""Crash-safe files: whole-line appends, atomic JSON writes, tolerant JSONL reads, run fingerprints."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import PolyalignError
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append records as JSON lines in one write() on an O_APPEND descriptor, then fsync.
+    A kill leaves either all of them or none (a torn tail is dropped by read_jsonl)."""
+    if not records:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Records of a JSONL file we wrote; a torn last line (from a kill) is ignored, or cut with repair."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if repair and end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    out = []
+    for n, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise PolyalignError(f"{path}:{n}: malformed JSON line; delete the file to recompute it") from None
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_atomic(path, "".join(dumps(r) + "\n" for r in records))
+
+
+def content_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_fingerprint(folder: Path, name: str, settings: dict) -> None:
+    """Refuse to resume into a folder that holds a run with other settings; record them otherwise."""
+    path = folder / name
+    if path.exists():
+        old = json.loads(path.read_text("utf-8"))
+        for key in sorted(set(old) | set(settings)):
+            if key in old and key in settings and old[key] != settings[key]:
+                raise PolyalignError(f"{folder} holds a run with other settings ({key}: {old[key]!r} there, "
+                                     f"{settings[key]!r} now); choose another --output")
+        merged = {**old, **settings}
+        if merged != old:
+            write_json(path, merged)
+    else:
+        write_json(path, settings)
