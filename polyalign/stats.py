@@ -13,3 +13,88 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+def paired_bootstrap_delta(base, other, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                           ) -> tuple[float, float, float]:
+    """Accuracy delta (other - base) on paired 0/1 outcomes with a percentile bootstrap CI.
+
+    `base` and `other` are sequences of per-item correctness for the SAME items in the same order;
+    or lists of such sequences (one per language): then the statistic is the mean over groups of
+    each group's delta, and items are resampled within their group (a stratified bootstrap), so
+    every language keeps its weight as in an unweighted average over languages.
+    Returns (delta, ci_low, ci_high).
+    """
+    import numpy as np
+
+    groups_a, groups_b = _as_groups(base), _as_groups(other)
+    if len(groups_a) != len(groups_b):
+        raise ValueError("base and other hold different numbers of groups")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    point = 0.0
+    for a, b in zip(groups_a, groups_b):
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+            raise ValueError("each group needs two non-empty paired outcome vectors of equal length")
+        d = b - a
+        point += d.mean()
+        # Resample in chunks to bound memory (n_boot x n indices).
+        n, step = len(d), max(1, 2_000_000 // len(d))
+        for start in range(0, n_boot, step):
+            stop = min(n_boot, start + step)
+            total[start:stop] += d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    k = len(groups_a)
+    total /= k
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(total, [alpha, 1 - alpha])
+    return float(point / k), float(lo), float(hi)
+
+
+def _as_groups(x) -> list:
+    """A flat outcome vector -> [vector]; a list of vectors stays as is."""
+    if len(x) and hasattr(x[0], "__len__"):
+        return list(x)
+    return [x]
+
+
+def discordant(base, other) -> tuple[int, int]:
+    """(b, c): items only `base` got right, items only `other` got right."""
+    if len(base) != len(other):
+        raise ValueError("paired outcome vectors differ in length")
+    b = sum(1 for x, y in zip(base, other) if x and not y)
+    c = sum(1 for x, y in zip(base, other) if y and not x)
+    return b, c
+
+
+def mcnemar(base, other, mid_p: bool = False) -> float:
+    """Two-sided exact McNemar test on paired 0/1 outcomes (a binomial test on the discordant
+    pairs, p = 1/2); with mid_p, the mid-p variant (less conservative, Fagerland et al. 2013).
+    Exact integer arithmetic, so it stays right for thousands of discordant pairs."""
+    b, c = discordant(base, other)
+    return mcnemar_from_counts(b, c, mid_p)
+
+
+def mcnemar_from_counts(b: int, c: int, mid_p: bool = False) -> float:
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))       # P(X <= k) * 2**n
+    if mid_p:
+        p = (2 * tail - math.comb(n, k)) / 2 ** n           # 2*(P(X<=k) - P(X=k)/2)
+    else:
+        p = 2 * tail / 2 ** n
+    return min(1.0, p)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error over the list), in input order."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
