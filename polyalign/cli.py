@@ -10,6 +10,8 @@ from .errors import PolyalignError
 
 COMMANDS = {
     "evaluate": ("polyalign.evaluate", "few-shot multilingual evaluation with constrained decoding"),
+    "run": ("polyalign.experiment", "run an experiment file end to end (resumable): eval, prepare, train, analyses, report"),
+    "report": ("polyalign.report", "paper-style report (Markdown, self-contained HTML, CSV, LaTeX) of a run folder"),
 }
 
 
