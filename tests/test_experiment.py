@@ -1,0 +1,403 @@
+"""`polyalign run`: the experiment format, validation, the step plan and its cache, resume and errors.
+
+The step commands are faked here (they write the artefacts the real ones write), except in the
+last test, which runs the real evaluator on a tiny model, so these tests need none of prepare,
+train, lens or geometry to exist.
+"""
+from __future__ import annotations
+
+import errno
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polyalign import experiment as X
+from polyalign.errors import PolyalignError
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CALL = X.call_command
+LANGS3 = ["en", "de", "zh"]
+
+
+def base_raw(**over) -> dict:
+    raw = {
+        "name": "t",
+        "model": "tiny",
+        # Trained on Amazon-review questions (the bundled pool), tested on SNLI: the cross-task layout.
+        "settings": [{"sources": ["zh", "de"], "target": "en", "task": "amazon_polarity", "per_language": 4},
+                     {"name": "sw-en", "sources": ["sw"], "task": "amazon_polarity", "per_language": 4}],
+        "train": {"epochs": 1},
+        "eval": {"tasks": ["snli"], "langs": LANGS3, "labels": ["english"], "limit": 3},
+        "analyses": {"lens": {"task": "snli", "langs": ["zh"], "limit": 3, "settings": ["zhde-en"]},
+                     "geometry": {"task": "snli", "langs": ["en", "de"], "limit": 3}},
+    }
+    raw.update(over)
+    return raw
+
+
+def validate(raw, **kw):
+    kw.setdefault("check_data", False)
+    return X.validate(raw, **kw)
+
+
+# ----------------------------------------------------------------------------- format and validation
+def test_valid_file_and_defaults():
+    exp = validate(base_raw())
+    assert exp.name == "t" and exp.output == "runs/t"
+    assert [s.name for s in exp.settings] == ["zhde-en", "sw-en"]
+    assert exp.settings[0].label == "zh/de ⇒ en" and exp.settings[0].seen == ["zh", "de", "en"]
+    assert exp.eval["scoring"] == "paper" and exp.lens["labels"] == "native"
+    assert exp.geometry["settings"] == ["zhde-en", "sw-en"]      # default: every setting
+
+
+@pytest.mark.parametrize("raw, key, hint", [
+    ({"evall": {}}, "evall", "eval"),
+    ({"eval": {"tasks": ["snli"], "limt": 3}}, "eval.limt", "limit"),
+    ({"settings": [{"sorces": ["zh"]}]}, "settings.0.sorces", "sources"),
+    ({"analyses": {"lense": {}}}, "analyses.lense", "lens"),
+    ({"analyses": {"lens": {"langz": ["zh"]}}}, "analyses.lens.langz", "langs"),
+    ({"report": {"bootstraps": 10}}, "report.bootstraps", "bootstrap"),
+])
+def test_unknown_key_names_key_and_nearest(raw, key, hint):
+    full = base_raw()
+    for k, v in raw.items():
+        full[k] = v
+    with pytest.raises(PolyalignError) as e:
+        validate(full)
+    msg = str(e.value)
+    assert f"unknown key {key}" in msg and f"did you mean {hint!r}" in msg and "\n" not in msg
+
+
+def _task_file(tmp_path: Path, langs: list[str]) -> str:
+    """A copy of the bundled snli task with only some languages."""
+    raw = yaml.safe_load(files("polyalign").joinpath("resources/tasks/snli.yaml").read_text("utf-8"))
+    raw["languages"] = {k: v for k, v in raw["languages"].items() if str(k) in langs}
+    path = tmp_path / "small_snli.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), "utf-8")
+    return str(path)
+
+
+def test_setting_language_the_task_lacks(tmp_path):
+    task = _task_file(tmp_path, ["en", "de"])
+    raw = base_raw(settings=[{"sources": ["zh", "de"], "task": task, "data": str(tmp_path)}])
+    with pytest.raises(PolyalignError, match=r"setting zhde-en: task 'snli' has no prompt data for zh"):
+        validate(raw)
+
+
+def test_eval_language_the_task_lacks(tmp_path):
+    task = _task_file(tmp_path, ["en", "de"])
+    raw = base_raw(eval={"tasks": [task], "langs": ["en", "sw"], "data": str(tmp_path)}, settings=[], analyses={})
+    with pytest.raises(PolyalignError, match=r"eval: task 'snli' has no prompt data for sw"):
+        validate(raw)
+
+
+@pytest.mark.parametrize("setting, pattern", [
+    ({"sources": ["zz"]}, r"unknown language 'zz'"),
+    ({"sources": ["en"], "target": "en"}, r"target en is also a source"),
+    ({"sources": []}, r"expected a list of language codes"),
+    ({"sources": ["zh"], "task": "nope"}, r"unknown task 'nope'"),
+    ({"sources": ["zh"], "per_language": -1}, r"positive whole number"),
+    ({"sources": ["zh"], "task": "snli", "data": "/does/not/exist"}, r"question data path not found"),
+])
+def test_bad_settings(setting, pattern):
+    with pytest.raises(PolyalignError, match=pattern):
+        validate(base_raw(settings=[setting], analyses={}), check_data=True)
+
+
+def test_bundled_question_pool_must_cover_the_setting():
+    # The bundled SNLI task has no bundled question pool: say so before any work starts.
+    pool = files("polyalign").joinpath("resources/questions/snli")
+    if pool.is_dir():
+        pytest.skip("a bundled snli question pool exists now")
+    raw = base_raw()
+    raw["settings"][0]["task"] = "snli"
+    with pytest.raises(PolyalignError, match=r"setting zhde-en: the bundled question pool of snli lacks"):
+        validate(raw, check_data=True)
+    validate(base_raw(), check_data=True)   # the Amazon pool has zh, de, sw and en
+
+
+def test_other_bad_input():
+    with pytest.raises(PolyalignError, match="no model"):
+        validate({k: v for k, v in base_raw().items() if k != "model"}, check_data=False)
+    with pytest.raises(PolyalignError, match="two settings are named"):
+        validate(base_raw(settings=[{"sources": ["zh"], "task": "snli"}] * 2, analyses={}), check_data=False)
+    with pytest.raises(PolyalignError, match=r"analyses.lens.settings: no setting named 'zhde'.*'zhde-en'"):
+        raw = base_raw()
+        raw["analyses"]["lens"]["settings"] = ["zhde"]
+        validate(raw, check_data=False)
+    with pytest.raises(PolyalignError, match="eval.labels: unknown label mode 'nativ'.*'native'"):
+        validate(base_raw(eval={"tasks": ["snli"], "labels": ["nativ"]}), check_data=False)
+
+
+def test_norwegian_survives_yaml():
+    raw = yaml.safe_load("eval: {tasks: [snli], langs: [en, no]}")
+    exp = validate(base_raw(eval=raw["eval"], settings=[], analyses={}))
+    assert exp.eval["langs"] == ["en", "no"]
+
+
+# ----------------------------------------------------------------------------- overrides
+def test_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(base_raw()), "utf-8")
+    exp = X.load_experiment(str(path), ["eval.limit=5", "settings.zhde-en.per_language=7", "settings.1.target=zh",
+                                        "train.lr=1e-4", "eval.langs=[en, de]", "output=elsewhere"])
+    assert exp.eval["limit"] == 5 and exp.eval["langs"] == ["en", "de"]
+    assert exp.settings[0].per_language == 7 and exp.settings[1].target == "zh"
+    assert exp.train == {"epochs": 1, "lr": 1e-4} and exp.output == "elsewhere"
+    with pytest.raises(PolyalignError, match=r"unknown key eval.limi.*'limit'"):
+        X.load_experiment(str(path), ["eval.limi=5"])
+    with pytest.raises(PolyalignError, match=r"no item named 'zhd'.*'zhde-en'"):
+        X.load_experiment(str(path), ["settings.zhd.per_language=5"])
+    with pytest.raises(PolyalignError, match="not key=value"):
+        X.load_experiment(str(path), ["eval.limit"])
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\nmodel: x\n", "utf-8")
+    with pytest.raises(PolyalignError) as e:
+        X.load_experiment(str(path))
+    assert "not valid YAML" in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- examples and the demo
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_examples_validate(path):
+    text = path.read_text("utf-8")
+    assert "hardware" in yaml.safe_load(text), "each example states the hardware it expects"
+    exp = X.load_experiment(str(path), check_data=False)
+    steps = X.plan(exp)
+    assert steps and len({s.key for s in steps}) == len(steps)
+
+
+def test_demo_validates():
+    bundled = files("polyalign").joinpath("resources/data/amazon_polarity/zh.jsonl")
+    exp = X.load_experiment(demo=True, check_data=bundled.is_file())
+    assert exp.models[0].name == "gemma-3-270m" and exp.output == "runs/demo"
+    assert [s.label for s in exp.settings] == ["zh/de ⇒ en"]
+    assert len(exp.eval["langs"]) == 20 and exp.lens and exp.geometry
+    kinds = [s.kind for s in X.plan(exp)]
+    assert kinds == ["eval", "prepare", "train", "eval", "lens", "geometry"]
+
+
+# ----------------------------------------------------------------------------- the plan and its cache
+def keys(exp):
+    return {s.label: s.key for s in X.plan(exp)}
+
+
+def test_changing_one_setting_changes_only_its_steps():
+    before = keys(validate(base_raw()))
+    raw = base_raw()
+    raw["settings"][1]["per_language"] = 9          # sw-en changes
+    after = keys(validate(raw))
+    changed = {label for label in before if before[label] != after.get(label)}
+    assert changed == {"prepare sw-en", "train sw-en", "eval sw-en snli", "geometry base vs zhde-en, sw-en"}
+    # A training override changes training and what follows, not data preparation or the base.
+    raw = base_raw(train={"epochs": 2})
+    after = keys(validate(raw))
+    changed = {label for label in before if before[label] != after.get(label)}
+    assert "prepare zhde-en" not in changed and "eval base snli" not in changed
+    assert {"train zhde-en", "train sw-en", "eval zhde-en snli"} <= changed
+
+
+def test_more_eval_languages_reuse_the_eval_folder():
+    a = {s.label: s for s in X.plan(validate(base_raw()))}
+    raw = base_raw()
+    raw["eval"]["langs"] = LANGS3 + ["sw"]
+    b = {s.label: s for s in X.plan(validate(raw))}
+    step_a, step_b = a["eval base snli"], b["eval base snli"]
+    assert step_a.key != step_b.key and step_a.folder_key == step_b.folder_key
+
+
+# ----------------------------------------------------------------------------- running, with fake step commands
+class FakeCommands:
+    """Stands in for `polyalign <command>`: writes the artefacts each real command writes."""
+
+    def __init__(self, fail_on: str | None = None, exc: BaseException | None = None, real_eval: bool = False):
+        self.calls: list[list[str]] = []
+        self.fail_on, self.exc, self.real_eval = fail_on, exc, real_eval
+
+    def __call__(self, argv: list[str]) -> None:
+        self.calls.append(argv)
+        cmd = argv[0]
+        opt = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
+        out = Path(opt["--output"])
+        out.mkdir(parents=True, exist_ok=True)
+        if self.fail_on and self.fail_on == cmd:
+            raise self.exc
+        if cmd == "prepare":
+            (out / "train.jsonl").write_text('{"input": "x", "output": "y"}\n', "utf-8")
+            (out / "manifest.json").write_text("{}", "utf-8")
+        elif cmd == "train":
+            (out / "adapter_config.json").write_text("{}", "utf-8")
+            (out / "train_log.jsonl").write_text('{"step": 1, "epoch": 1.0, "loss": 2.0, "lr": 0.1}\n', "utf-8")
+        elif cmd == "evaluate":
+            if self.real_eval:
+                return REAL_CALL(argv)
+            langs, task = opt["--langs"].split(","), opt["--tasks"]
+            rows = []
+            for lang in langs:
+                samples = [{"id": str(i), "pred": "x", "gold": "x", "correct": (i + len(lang)) % 2 == 0}
+                           for i in range(4)]
+                p = out / "samples" / task / "english" / f"{lang}.jsonl"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text("".join(json.dumps(s) + "\n" for s in samples), "utf-8")
+                rows.append({"task": task, "lang": lang, "labels": "english", "scoring": "paper", "n": 4,
+                             "acc": sum(s["correct"] for s in samples) / 4})
+            (out / "results.json").write_text(json.dumps({"rows": rows, "averages": []}), "utf-8")
+        elif cmd in ("lens", "geometry"):
+            for a in [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--compare-adapter"]:
+                assert (Path(a) / "adapter_config.json").exists()
+            (out / "summary.json").write_text("{}", "utf-8")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return tmp_path / "run"
+
+
+def _run(exp, run_dir, fake, monkeypatch, **kw):
+    monkeypatch.setattr(X, "call_command", fake)
+    return X.run_experiment(exp, str(run_dir), check_models=False, **kw)
+
+
+def test_run_skips_finished_steps_and_recomputes_only_what_changed(run_dir, monkeypatch, capsys):
+    exp = validate(base_raw())
+    fake = FakeCommands()
+    _run(exp, run_dir, fake, monkeypatch)
+    assert [c[0] for c in fake.calls] == ["evaluate", "prepare", "train", "evaluate", "prepare", "train",
+                                          "evaluate", "lens", "geometry"]
+    out = capsys.readouterr().out
+    assert "[1/9] eval base snli" in out and "ETA" in out and "█" in out
+    assert out.strip().splitlines()[-1] == str(run_dir / "report.html")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["steps"])
+    for s in manifest["steps"]:
+        assert (run_dir / s["dir"] / "done.json").exists()
+    lens = [c for c in fake.calls if c[0] == "lens"][0]
+    assert lens[lens.index("--compare-adapter") + 1].endswith("adapters/zhde-en")
+
+    fake2 = FakeCommands()
+    _run(exp, run_dir, fake2, monkeypatch)
+    assert fake2.calls == []
+    assert "done earlier" in capsys.readouterr().out
+
+    raw = base_raw()
+    raw["settings"][1]["per_language"] = 9
+    fake3 = FakeCommands()
+    _run(validate(raw), run_dir, fake3, monkeypatch)
+    assert [c[0] for c in fake3.calls] == ["prepare", "train", "evaluate", "geometry"]
+    assert fake3.calls[0][fake3.calls[0].index("--sources") + 1] == "sw"
+
+
+def test_failed_step_leaves_a_resumable_run(run_dir, monkeypatch):
+    exp = validate(base_raw())
+    fake = FakeCommands(fail_on="train", exc=PolyalignError("no space for the optimizer"))
+    with pytest.raises(PolyalignError) as e:
+        _run(exp, run_dir, fake, monkeypatch)
+    assert "[3/9] train zhde-en failed: no space for the optimizer" in str(e.value)
+    assert "rerun" in str(e.value)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["steps"]][:3] == ["done", "done", "failed"]
+    fake2 = FakeCommands()
+    _run(exp, run_dir, fake2, monkeypatch)
+    assert [c[0] for c in fake2.calls][:2] == ["train", "evaluate"]    # base eval and prepare were kept
+    assert "prepare" in [c[0] for c in fake2.calls]                      # only sw-en's own prepare
+
+
+def test_disk_full_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from polyalign import cli
+
+    path = tmp_path / "exp.yaml"
+    raw = base_raw(output=str(tmp_path / "run"))
+    for s in raw["settings"]:
+        s["data"] = str(tmp_path)
+    path.write_text(yaml.safe_dump(raw), "utf-8")
+    fake = FakeCommands(fail_on="prepare", exc=OSError(errno.ENOSPC, "No space left on device", "x.jsonl"))
+    monkeypatch.setattr(X, "call_command", fake)
+    monkeypatch.setattr(X, "check_model", lambda name: None)
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk full" in err[0] and "[2/9] prepare zhde-en" in err[0]
+    # The run resumes from there.
+    fake2 = FakeCommands()
+    monkeypatch.setattr(X, "call_command", fake2)
+    assert cli.main(["run", str(path), "--no-report"]) == 0
+    assert fake2.calls[0][0] == "prepare"
+
+
+def test_cli_bad_file_and_model(tmp_path, capsys):
+    from polyalign import cli
+
+    path = tmp_path / "exp.yaml"
+    raw = base_raw(output=str(tmp_path / "run"))
+    raw["eval"]["limitt"] = 3
+    path.write_text(yaml.safe_dump(raw), "utf-8")
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key eval.limitt" in err and "'limit'" in err
+    raw = base_raw(output=str(tmp_path / "run"), model=str(tmp_path / "no-such-model"))
+    path.write_text(yaml.safe_dump(raw), "utf-8")
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model folder not found" in err
+    assert not (tmp_path / "run" / "steps").exists()       # nothing started
+
+
+def test_dry_run_lists_steps(tmp_path, capsys):
+    exp = validate(base_raw())
+    X.run_experiment(exp, str(tmp_path / "run"), dry_run=True)
+    out = capsys.readouterr().out
+    assert "[9/9] geometry base vs zhde-en, sw-en" in out and "pending" in out
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- with the real evaluator
+def _tiny_adapter(model_path: str, folder: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(folder)
+
+
+def test_real_evaluator_end_to_end(tmp_path, tiny_llama_path, monkeypatch):
+    raw = base_raw(model=tiny_llama_path, dtype="fp32", device="cpu",
+                   settings=[{"sources": ["zh", "de"], "task": "snli", "per_language": 2}],
+                   eval={"tasks": ["snli"], "langs": ["en", "zh"], "limit": 3}, analyses={})
+    exp = validate(raw, check_data=False)
+
+    class Fake(FakeCommands):
+        def __call__(self, argv):
+            if argv[0] == "train":
+                self.calls.append(argv)
+                out = Path(argv[argv.index("--output") + 1])
+                _tiny_adapter(tiny_llama_path, out)
+                return None
+            return super().__call__(argv)
+
+    fake = Fake(real_eval=True)
+    run = _run(exp, tmp_path / "run", fake, monkeypatch)
+    manifest = json.loads((run / "manifest.json").read_text())
+    evals = [s for s in manifest["steps"] if s["kind"] == "eval"]
+    for s in evals:
+        res = json.loads((run / s["dir"] / "results.json").read_text())
+        assert {r["lang"] for r in res["rows"]} == {"en", "zh"} and all(r["n"] == 3 for r in res["rows"])
+    adapter_eval = json.loads((run / evals[1]["dir"] / "results.json").read_text())
+    assert adapter_eval["model"]["adapter"]
+    md = (run / "report.md").read_text()
+    assert "zh/de ⇒ en" in md and "| en | zh | Avg |" in md.replace("model / setting | ", "")

@@ -1,0 +1,358 @@
+"""`polyalign report`: tables, statistics, exports and the self-contained HTML, on fake artefacts."""
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from polyalign import languages
+from polyalign.errors import PolyalignError
+from polyalign.report import build_report
+from polyalign.stats import paired_bootstrap_delta
+
+LANGS = list(languages.ALL)
+N = 40
+
+
+def _png(path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1, 2], [1, 0.5, 0.2])
+    ax.set_title(title)
+    fig.savefig(path, dpi=50)
+    plt.close(fig)
+
+
+def _eval(folder: Path, task: str, outcomes: dict[str, list[bool]], adapter: str | None = None) -> None:
+    rows = []
+    for lang, oc in outcomes.items():
+        p = folder / "samples" / task / "english" / f"{lang}.jsonl"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(json.dumps({"id": f"x{i}", "lang": lang, "pred": "positive", "gold": "positive",
+                                         "correct": c}) + "\n" for i, c in enumerate(oc)), "utf-8")
+        rows.append({"task": task, "lang": lang, "labels": "english", "scoring": "paper", "n": len(oc),
+                     "acc": sum(oc) / len(oc), "ci_low": 0, "ci_high": 1, "ties": 0, "truncated": 0})
+    (folder / "results.json").write_text(json.dumps({"rows": rows, "averages": [], "model": {"adapter": adapter},
+                                                     "config": {"scoring": "paper"}}), "utf-8")
+
+
+def make_run(root: Path, with_analyses: bool = True) -> tuple[Path, dict]:
+    """A finished run folder: base, a setting with a clear gain, a setting identical to the base."""
+    rng = random.Random(0)
+    base = {lang: [rng.random() < 0.55 for _ in range(N)] for lang in LANGS}
+    gain = {lang: [c or rng.random() < 0.6 for c in oc] for lang, oc in base.items()}   # only flips to correct
+    same = {lang: list(oc) for lang, oc in base.items()}
+    steps = []
+
+    def step(kind, label, setting=None, task="amazon_polarity"):
+        d = f"steps/{kind}-{len(steps):04d}"
+        (root / d).mkdir(parents=True)
+        (root / d / "done.json").write_text(json.dumps({"key": "k"}), "utf-8")
+        steps.append({"kind": kind, "label": label, "model": "tiny", "setting": setting, "task": task,
+                      "key": f"k{len(steps)}", "dir": d, "status": "done", "seconds": 10.0 + len(steps)})
+        return root / d
+
+    _eval(step("eval", "eval base"), "amazon_polarity", base)
+    for name, oc in (("zhde-en", gain), ("sw-en", same)):
+        step("prepare", f"prepare {name}", name)
+        t = step("train", f"train {name}", name)
+        (t / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"step": 1, "epoch": 0.5, "loss": 2.5, "lr": 1e-4}, {"step": 2, "epoch": 1.0, "loss": 1.5, "lr": 5e-5},
+            {"step": 2, "epoch": 1.0, "eval_loss": 1.7}]), "utf-8")
+        (t / "summary.json").write_text(json.dumps({"train_examples": 64, "seconds": 12.5}), "utf-8")
+        _png(t / "loss.png", f"loss {name}")
+        _eval(step("eval", f"eval {name}", name), "amazon_polarity", oc, adapter="a")
+    if with_analyses:
+        lens = step("lens", "lens base vs zhde-en", "zhde-en")
+        with (lens / "lens.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"])
+            for model in ("base", "zhde-en"):
+                for layer in range(4):
+                    for measure, v in (("english_answer", 0.1 * layer * (layer < 3)), ("target_answer", 0.2 * layer),
+                                       ("entropy_bits", 5 - layer)):
+                        w.writerow([model, "zh", layer, measure, v, v, v, 10])
+        (lens / "excluded.csv").write_text("model,lang,class,n_excluded,n_total\nbase,zh,positive,0,5\n", "utf-8")
+        _png(lens / "lens_overlay.png", "overlay")
+        _png(lens / "lens_zh.png", "zh")
+        geo = step("geometry", "geometry base vs zhde-en", "zhde-en")
+        with (geo / "pearson.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "layer", "lang_a", "lang_b", "r"])
+            for model in ("base", "zhde-en"):
+                for layer in range(5):
+                    w.writerow([model, layer, "en", "sw", 0.2 + 0.1 * layer + (0.2 if model != "base" else 0)])
+        with (geo / "alignment.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"])
+            for model in ("base", "zhde-en"):
+                for layer in range(5):
+                    w.writerow([model, layer, "sw", 0.8, 0.6, 0.5])
+        for name in ("alignment", "pearson_layer3", "pca_layer3"):
+            _png(geo / f"{name}.png", name)
+    manifest = {
+        "name": "fake", "description": "A fake run.", "hardware": "none",
+        "models": [{"name": "tiny", "label": "tiny", "dtype": "fp32", "slug": "tiny"}],
+        "settings": [{"name": "zhde-en", "label": "zh/de ⇒ en", "sources": ["zh", "de"], "target": "en",
+                      "task": "amazon_polarity", "seen": ["zh", "de", "en"], "per_language": 32, "data": None},
+                     {"name": "sw-en", "label": "sw ⇒ en", "sources": ["sw"], "target": "en",
+                      "task": "amazon_polarity", "seen": ["sw", "en"], "per_language": 32, "data": None}],
+        "eval": {"tasks": ["amazon_polarity"], "langs": LANGS, "labels": ["english"], "scoring": "paper",
+                 "limit": N, "data": None},
+        "report": {"bootstrap": 2000, "seed": 0, "alpha": 0.05},
+        "steps": steps,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest), "utf-8")
+    return root, {"base": base, "zhde-en": gain, "sw-en": same}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root, data = make_run(tmp_path_factory.mktemp("run"))
+    html = build_report(root)
+    return root, html, data
+
+
+def _table_rows(md: str, first_header: str) -> list[list[str]]:
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_table1_layout(report):
+    root, _, data = report
+    md = (root / "report.md").read_text("utf-8")
+    header = "| model / setting | " + " | ".join(LANGS) + " | Avg |"
+    assert header in md
+    rows = _table_rows(md, "model / setting")
+    assert [r[0] for r in rows[:3]] == ["tiny (base)", "zh/de ⇒ en", "sw ⇒ en"]
+    base, gain = rows[0], rows[1]
+    # Seen languages carry a dagger in the setting's row only.
+    zh, sv = 1 + LANGS.index("zh"), 1 + LANGS.index("sv")
+    assert gain[zh].endswith("†") and not gain[sv].endswith("†") and not base[zh].endswith("†")
+    # Values are accuracies in %, the Avg is their mean, and the best per column is bold.
+    acc = {k: {lang: 100 * sum(v[lang]) / N for lang in LANGS} for k, v in data.items()}
+    assert base[sv].strip("*") == f"{acc['base']['sv']:.1f}"
+    assert float(gain[-1].strip("*")) == pytest.approx(sum(acc["zhde-en"].values()) / 20, abs=0.051)
+    assert gain[-1].startswith("**") and not base[-1].startswith("**")
+    for j, lang in enumerate(LANGS, 1):
+        best = max(round(acc[k][lang], 1) for k in acc)
+        for r, k in zip(rows[:3], ("base", "zhde-en", "sw-en")):
+            assert r[j].startswith("**") == (round(acc[k][lang], 1) == best), (lang, k)
+
+
+def test_averages_and_deltas(report):
+    root, _, data = report
+    md = (root / "report.md").read_text("utf-8")
+    deltas = _table_rows(md, "setting")
+    labels = [r[0] for r in deltas]
+    assert labels[:2] == ["zh/de ⇒ en", "sw ⇒ en"]
+    # The delta over all languages equals the library's paired bootstrap, as printed.
+    d, lo, hi = paired_bootstrap_delta([data["base"][lang] for lang in LANGS], [data["zhde-en"][lang] for lang in LANGS],
+                                       n_boot=2000, seed=0)
+    cell = deltas[0][1].strip("*")
+    assert cell == f"+{100 * d:.1f} [+{100 * lo:.1f}, +{100 * hi:.1f}]"
+    assert deltas[0][1].startswith("**")            # CI above zero
+    assert deltas[1][1].startswith("±0.0 [±0.0, ±0.0]")
+    # CSV exports match.
+    rows = list(csv.DictReader((root / "report" / "deltas_amazon_polarity_english.csv").open()))
+    assert float(rows[0]["all_delta"]) == pytest.approx(d, abs=1e-4)
+    assert int(rows[0]["seen_langs"]) == 3 and int(rows[0]["unseen_langs"]) == 17
+    high = [lang for lang in LANGS if lang in languages.HIGH]
+    dh, _, _ = paired_bootstrap_delta([data["base"][x] for x in high], [data["zhde-en"][x] for x in high], n_boot=10)
+    assert float(rows[0]["high_delta"]) == pytest.approx(dh, abs=1e-4)
+
+
+def test_summary_is_honest(report):
+    root, _, _ = report
+    md = (root / "report.md").read_text("utf-8")
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    assert "**zh/de ⇒ en**" in summary and "a gain: the 95% CI lies above zero" in summary
+    line_same = next(line for line in summary.splitlines() if "**sw ⇒ en**" in line)
+    assert "no clear change" in line_same and "0 significant gains and 0 significant losses" in line_same
+
+
+def test_mcnemar_exports(report):
+    root, _, data = report
+    rows = list(csv.DictReader((root / "report" / "mcnemar_amazon_polarity_english.csv").open()))
+    assert len(rows) == 2 * 20
+    from polyalign.stats import mcnemar
+    for r in rows:
+        if r["setting"] == "zhde-en":
+            lang = r["lang"]
+            assert float(r["p_exact"]) == pytest.approx(mcnemar(data["base"][lang], data["zhde-en"][lang]))
+            assert int(r["base_only"]) == 0                     # the fake setting only gains
+        else:
+            assert float(r["p_exact"]) == 1.0 and r["significant"] == "False"
+
+
+def test_exports_and_latex(report):
+    root, _, _ = report
+    out = root / "report"
+    for stem in ("table1_amazon_polarity_english", "averages_amazon_polarity_english",
+                 "deltas_amazon_polarity_english", "mcnemar_amazon_polarity_english", "training", "timing"):
+        assert (out / f"{stem}.csv").exists() and (out / f"{stem}.tex").exists(), stem
+    tex = (out / "table1_amazon_polarity_english.tex").read_text("utf-8")
+    assert r"\begin{tabular}" in tex and r"\textbf{" in tex and r"$^\dagger$" in tex and r"$\Rightarrow$" in tex
+    t1 = list(csv.DictReader((out / "table1_amazon_polarity_english.csv").open()))
+    assert [r["setting"] for r in t1] == ["base", "zhde-en", "sw-en"] and t1[1]["seen"] == "zh de en"
+
+
+class _Html(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables = 0
+        self.imgs: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables += 1
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        for key in ("src", "href"):
+            if a.get(key) and not a[key].startswith(("data:", "#")):
+                self.external.append(a[key])
+
+
+def test_html_is_self_contained(report):
+    root, html, _ = report
+    p = _Html()
+    p.feed(Path(html).read_text("utf-8"))
+    assert p.tables >= 8 and not p.external
+    # heat maps (2), loss curves (2), lens (2), geometry (3)
+    assert len(p.imgs) >= 9
+    for src in p.imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (root / "report.md").read_text("utf-8")
+    for section in ("## Training", "## Logit lens", "## Representation geometry", "## Run time"):
+        assert section in md
+    assert "0.200 @ 2" in md                       # the lens summary: P(English) peaks at layer 2
+    assert "en–sw" in md
+
+
+def test_partial_run_and_errors(tmp_path):
+    root, _ = make_run(tmp_path / "run", with_analyses=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    # The last evaluation is unfinished: the report says so and leaves it out.
+    manifest["steps"][-1]["status"] = "pending"
+    (root / manifest["steps"][-1]["dir"] / "done.json").unlink()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    build_report(root)
+    md = (root / "report.md").read_text()
+    assert "Incomplete run" in md and "sw ⇒ en" not in _table_rows(md, "model / setting")[1][0]
+    with pytest.raises(PolyalignError, match="not a run folder"):
+        build_report(tmp_path / "nothing")
+
+
+def test_cli_report(tmp_path, capsys):
+    from polyalign import cli
+
+    root, _ = make_run(tmp_path / "run", with_analyses=False)
+    assert cli.main(["report", str(root), "--bootstrap", "200"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(root / "report.html")
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    _, html, _ = report
+    shot = tmp_path / "shot.png"
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    try:
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                        f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1400,3000",
+                        Path(html).resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    img = imread(shot)
+    assert img.shape[0] >= 2000 and img.shape[1] >= 1000
+    rgb = img[..., :3]
+    # Not blank: dark text, light background, and the heat map's colours.
+    assert rgb.min() < 0.2 and rgb.max() > 0.9 and rgb.std() > 0.05
+    colourful = np.abs(rgb[..., 0] - rgb[..., 2]) > 0.2
+    assert colourful.mean() > 0.001
+
+
+# ----------------------------------------------------------------------------- the statistics, against scipy
+@pytest.mark.parametrize("b, c", [(0, 0), (0, 5), (3, 9), (10, 10), (40, 61), (700, 760)])
+def test_mcnemar_matches_scipy(b, c):
+    from scipy.stats import binom, binomtest
+
+    from polyalign.stats import mcnemar, mcnemar_from_counts
+
+    n, k = b + c, min(b, c)
+    exact = binomtest(k, n, 0.5).pvalue if n else 1.0
+    assert mcnemar_from_counts(b, c) == pytest.approx(exact, rel=1e-9)
+    mid = min(1.0, 2 * binom.cdf(k, n, 0.5) - binom.pmf(k, n, 0.5)) if n else 1.0
+    assert mcnemar_from_counts(b, c, mid_p=True) == pytest.approx(mid, rel=1e-9, abs=1e-300)
+    base = [True] * b + [False] * c + [True] * 5 + [False] * 7
+    other = [False] * b + [True] * c + [True] * 5 + [False] * 7
+    assert mcnemar(base, other) == mcnemar_from_counts(b, c)
+
+
+def test_paired_bootstrap_matches_scipy():
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    a = rng.random(400) < 0.55
+    b = np.where(rng.random(400) < 0.2, ~a, a)
+    d, lo, hi = paired_bootstrap_delta(a, b, n_boot=20000, seed=1)
+    assert d == pytest.approx(b.mean() - a.mean())
+    ref = bootstrap((a.astype(float), b.astype(float)), lambda x, y, axis: y.mean(axis) - x.mean(axis),
+                    paired=True, vectorized=True, method="percentile", n_resamples=20000, random_state=2)
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.01)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.01)
+
+
+def test_stratified_bootstrap_weights_languages_equally():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    small_a, small_b = [False] * 10, [True] * 10                     # +100 points on 10 items
+    big_a = list(rng.random(1000) < 0.5)
+    big_b = list(big_a)                                               # no change on 1000 items
+    d, lo, hi = paired_bootstrap_delta([small_a, big_a], [small_b, big_b], n_boot=2000)
+    assert d == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        paired_bootstrap_delta([True, False], [True])
+
+
+def test_holm_matches_a_direct_computation():
+    from polyalign.stats import holm
+
+    p = [0.01, 0.04, 0.03, 0.5, 0.001]
+    order = sorted(range(len(p)), key=p.__getitem__)
+    expected, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        expected[i] = running
+    assert holm(p) == pytest.approx(expected)
+    assert holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.5, 0.005])
