@@ -1,0 +1,551 @@
+"""`polyalign geometry`: where parallel items sit in the hidden states, layer by layer.
+
+1. Hidden states. Every layer's states (index 0 = the embeddings, as `output_hidden_states` gives
+   them) of the few-shot prompts of items that are parallel across languages, pooled per item:
+   `mean` over the whole prompt, demos included (the paper's choice; with the prefix cache the
+   demos' states come from the prefix forward and enter the mean), `query-mean` over the test
+   item's own tokens, or the `last` token. Cached in <output>/states/<model>/<lang>.npz under a hash
+   of everything that determines them, so a redraw (other --layers, --center, plots) recomputes nothing.
+2. PCA, fitted per layer jointly on all languages (scikit-learn); 2-D scatter plots coloured by
+   language and by item index.
+3. Pearson: np.corrcoef of the 1-D PCA scores of every pair of languages across the parallel items.
+4. Beyond the paper: per layer and language, the mean cosine of parallel pairs (item i in X and in
+   the pivot language) against non-parallel pairs (i in X, j≠i in the pivot), and the retrieval
+   accuracy (is the nearest pivot item of X's item i its translation?). Vectors are centred first
+   (--center lang: per language, the default; joint; none), because mean-pooled states share a large
+   common component (the demos, the BOS token) that makes every raw cosine close to 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import languages
+from .errors import PolyalignError
+from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, check_mode, config_from_args,
+                   get_prefix, load_items, model_specs, prepare_prompts, prompt_texts, release, write_csv,
+                   write_npz)
+from .store import content_hash, write_json
+from .tasks import LABEL_MODES, load_task
+
+POOLINGS = ("mean", "query-mean", "last")
+CENTERS = ("lang", "joint", "none")
+CACHE_VERSION = 1
+
+
+@dataclass
+class GeometryConfig:
+    model: str = "gemma-3-270m"
+    adapter: str | None = None
+    compare_adapter: list[str] = field(default_factory=list)
+    task: str = "amazon_polarity"
+    langs: str = "en,de,fr,hi,th,sw,ms"
+    labels: str = "english"
+    output: str = "runs/geo"
+    data: str | None = None
+    limit: int | None = None
+    pooling: str = "mean"
+    layers: str | None = None
+    pivot: str = "en"
+    center: str = "lang"
+    states_dtype: str = "float32"
+    recompute: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_tokens: int | None = None
+    max_length: int | None = None
+    trust_file_labels: bool = False
+    progress: bool = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--langs", default="en,de,fr,hi,th,sw,ms", help="'all', 'high', 'low' or a comma list")
+    p.add_argument("--labels", default="english", choices=list(LABEL_MODES), help="label words in the demos")
+    p.add_argument("--output", default="runs/geo")
+    p.add_argument("--pooling", default="mean", choices=list(POOLINGS),
+                   help="mean: whole prompt incl. demos (the paper); query-mean: the test item only; last: last token")
+    p.add_argument("--layers", default=None,
+                   help="layers to plot, comma list, negatives count from the end "
+                        "(default: the middle one and the last-but-one)")
+    p.add_argument("--pivot", default="en", help="language that alignment metrics retrieve into")
+    p.add_argument("--center", default="lang", choices=list(CENTERS),
+                   help="centering before cosines/retrieval (PCA always centres jointly)")
+    p.add_argument("--states-dtype", default="float32", choices=["float32", "float16"],
+                   help="storage type of the cached states")
+    p.add_argument("--recompute", action="store_true", help="ignore cached states")
+
+
+def main(args: argparse.Namespace) -> None:
+    run_geometry(config_from_args(GeometryConfig, args))
+
+
+# ============================================================================= hidden states
+@torch.inference_mode()
+def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
+    """Pooled hidden states [N, L+1, H] (float32) of the prompts, through the prefix cache."""
+    if pooling not in POOLINGS:
+        raise PolyalignError(f"unknown pooling {pooling!r}; use {', '.join(POOLINGS)}")
+    n = len(ps.prompts)
+    out = None
+    prefix_sums: dict[int, torch.Tensor] = {}
+    for group in batch_groups(runner, ps.prompts):
+        c = group[0].cached_len
+        prefix = get_prefix(runner, ps.prefix_ids, c, hidden_states=pooling == "mean")
+        suffixes = [p.suffix for p in group]
+        _, hidden = runner.forward(prefix, suffixes, hidden_states=True)
+        dev = hidden[0].device
+        lens = torch.tensor([len(s) for s in suffixes], device=dev)
+        if pooling == "last":
+            rows = torch.arange(len(group), device=dev)
+            vecs = torch.stack([h[rows, lens - 1].float() for h in hidden], 1)
+        else:
+            width = hidden[0].shape[1]
+            start = torch.tensor([0 if pooling == "mean" else p.query_start - c for p in group], device=dev)
+            pos = torch.arange(width, device=dev)[None]
+            mask = ((pos >= start[:, None]) & (pos < lens[:, None])).float()
+            count = mask.sum(1)
+            sums = torch.stack([torch.einsum("bq,bqh->bh", mask, h.float()) for h in hidden], 1)  # [B, L+1, H]
+            if pooling == "mean" and c:
+                if c not in prefix_sums:
+                    prefix_sums[c] = torch.stack([h[0, :c].float().sum(0) for h in prefix.hidden], 0)
+                sums = sums + prefix_sums[c][None]
+                count = count + c
+            vecs = sums / count[:, None, None]
+        if out is None:
+            out = np.zeros((n, vecs.shape[1], vecs.shape[2]), dtype=np.float32)
+        out[[p.index for p in group]] = vecs.cpu().numpy()
+        if bar is not None:
+            bar.update(len(group))
+    return out
+
+
+def _file_fingerprint(path: Path) -> list:
+    return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
+
+
+def model_fingerprint(spec: ModelSpec) -> dict:
+    """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
+    fp: dict = {"model": spec.model}
+    root = Path(spec.model)
+    if root.is_dir():
+        cfg = root / "config.json"
+        fp["config"] = content_hash(cfg.read_text("utf-8")) if cfg.exists() else None
+        fp["weights"] = [_file_fingerprint(p) for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))]
+    if spec.adapter:
+        import hashlib
+        h = hashlib.sha256()
+        for p in sorted(Path(spec.adapter).iterdir()):
+            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json"):
+                h.update(p.name.encode())
+                h.update(p.read_bytes())
+        fp["adapter"] = h.hexdigest()[:16]
+    return fp
+
+
+def states_key(spec: ModelSpec, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str]) -> str:
+    from .models import resolve_device, resolve_dtype
+    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
+    return content_hash({"v": CACHE_VERSION, "weights": model_fingerprint(spec), "dtype": dtype,
+                         "max_length": cfg.max_length, "task": task_hash, "lang": lang, "labels": cfg.labels,
+                         "prompts": content_hash(texts), "pooling": cfg.pooling})
+
+
+def _pool_name(pooling: str) -> str:
+    return pooling.replace("-", "_")
+
+
+def load_cached(path: Path, key: str, pooling: str) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            name = _pool_name(pooling)
+            if f"key_{name}" in z.files and str(z[f"key_{name}"]) == key:
+                return z[name].astype(np.float32)
+    except (OSError, ValueError, EOFError):
+        return None
+    return None
+
+
+def save_cached(path: Path, key: str, pooling: str, states: np.ndarray, items: list[dict], dtype: str) -> None:
+    """Add this pooling's states to the language's cache file (other poolings stay)."""
+    arrays = {}
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError):
+            arrays = {}
+    name = _pool_name(pooling)
+    arrays[name] = states.astype(dtype)
+    arrays[f"key_{name}"] = np.array(key)
+    arrays["ids"] = np.array([str(it.get("id", i)) for i, it in enumerate(items)])
+    arrays["gold"] = np.array([it["label"] for it in items])
+    write_npz(path, arrays)
+
+
+# ============================================================================= analysis
+def pca_scores(by_lang: dict[str, np.ndarray], n_components: int = 2, seed: int = 0):
+    """One PCA fitted on all languages' vectors [N, H] stacked -> ({lang: scores [N, k]}, explained ratio)."""
+    from sklearn.decomposition import PCA
+    langs = list(by_lang)
+    x = np.concatenate([by_lang[lang] for lang in langs]).astype(np.float64)
+    k = min(n_components, x.shape[0], x.shape[1])
+    pca = PCA(n_components=k, random_state=seed)
+    z = pca.fit_transform(x)
+    out, at = {}, 0
+    for lang in langs:
+        n = len(by_lang[lang])
+        out[lang] = z[at:at + n]
+        at += n
+    return out, pca.explained_variance_ratio_
+
+
+def pearson_pairs(scores: dict[str, np.ndarray]) -> list[tuple[str, str, float]]:
+    """np.corrcoef of the 1-D scores of every pair of languages (in the given order, a before b)."""
+    langs = list(scores)
+    out = []
+    for i, a in enumerate(langs):
+        for b in langs[i + 1:]:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = np.corrcoef(scores[a], scores[b])[0, 1]
+            out.append((a, b, float(r)))
+    return out
+
+
+def center(by_lang: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
+    if how == "none":
+        return {k: v.astype(np.float64) for k, v in by_lang.items()}
+    if how == "lang":
+        return {k: v.astype(np.float64) - v.mean(0, dtype=np.float64) for k, v in by_lang.items()}
+    if how == "joint":
+        mu = np.concatenate(list(by_lang.values())).mean(0, dtype=np.float64)
+        return {k: v.astype(np.float64) - mu for k, v in by_lang.items()}
+    raise PolyalignError(f"unknown centering {how!r}; use {', '.join(CENTERS)}")
+
+
+def alignment_metrics(x: np.ndarray, pivot: np.ndarray) -> tuple[float, float, float]:
+    """(mean cosine of parallel pairs, of non-parallel pairs, retrieval accuracy into `pivot`)."""
+    def unit(a):
+        norm = np.linalg.norm(a, axis=1, keepdims=True)
+        return a / np.where(norm > 0, norm, 1.0)
+    sim = unit(x) @ unit(pivot).T
+    n = len(sim)
+    par = float(np.trace(sim) / n)
+    non = float((sim.sum() - np.trace(sim)) / (n * (n - 1))) if n > 1 else float("nan")
+    acc = float(np.mean(sim.argmax(1) == np.arange(n)))
+    return par, non, acc
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """Layer indices into hidden_states (0 = embeddings .. n_layers); default: middle and last-but-one."""
+    if not spec:
+        chosen = [n_layers // 2, n_layers - 1]
+    else:
+        chosen = []
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                v = int(part)
+            except ValueError:
+                raise PolyalignError(f"--layers: {part!r} is not a layer number") from None
+            if v < 0:
+                v += n_layers + 1
+            if not 0 <= v <= n_layers:
+                raise PolyalignError(f"--layers: {part} is outside 0..{n_layers} (the model has {n_layers} layers; "
+                                     f"0 is the embeddings)")
+            chosen.append(v)
+    return sorted(set(max(0, c) for c in chosen))
+
+
+def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
+    """All layers of one model: PCA scores, explained ratios, Pearson pairs and alignment rows."""
+    n_layers = next(iter(states.values())).shape[1] - 1
+    scores, ratios, pearson, align = {}, {}, [], []
+    for layer in range(n_layers + 1):
+        by_lang = {lang: s[:, layer] for lang, s in states.items()}
+        sc, ratio = pca_scores(by_lang)
+        scores[layer], ratios[layer] = sc, ratio
+        for a, b, r in pearson_pairs({lang: v[:, 0] for lang, v in sc.items()}):
+            pearson.append((layer, a, b, r))
+        if pivot is not None:
+            c = center(by_lang, how)
+            for lang in states:
+                if lang != pivot:
+                    align.append((layer, lang, *alignment_metrics(c[lang], c[pivot])))
+    return scores, ratios, pearson, align
+
+
+# ============================================================================= command
+def run_geometry(cfg: GeometryConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    task = load_task(cfg.task)
+    langs = languages.parse_langs(cfg.langs)
+    check_mode(cfg.labels)
+    if cfg.pooling not in POOLINGS:
+        raise PolyalignError(f"unknown pooling {cfg.pooling!r}; use {', '.join(POOLINGS)}")
+    if cfg.center not in CENTERS:
+        raise PolyalignError(f"unknown centering {cfg.center!r}; use {', '.join(CENTERS)}")
+    if len(langs) < 2:
+        raise PolyalignError("geometry compares languages: give at least two in --langs")
+    if len(set(langs)) != len(langs):
+        raise PolyalignError("--langs lists a language twice")
+    for lang in langs:
+        task.demo_prefix(lang, cfg.labels)
+    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
+    n = min(len(items[lang]) for lang in langs)
+    if any(len(items[lang]) != n for lang in langs):
+        issues.append("languages hold " + ", ".join(f"{lang} {len(items[lang])}" for lang in langs)
+                      + f" items; using the first {n} of each (parallel by index)")
+        items = {lang: items[lang][:n] for lang in langs}
+    if n < 3:
+        raise PolyalignError(f"geometry needs at least 3 parallel items per language; got {n}")
+    for line in issues:
+        print(f"data: {line}", file=sys.stderr)
+    pivot = cfg.pivot if cfg.pivot in langs else None
+    if pivot is None:
+        print(f"geometry: the pivot language {cfg.pivot!r} is not in --langs; alignment metrics are skipped",
+              file=sys.stderr)
+
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    task_hash = content_hash(Path(task.path).read_text("utf-8"))
+    keys = {(s.label, lang): states_key(s, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]))
+            for s in specs for lang in langs}
+    states: dict[str, dict[str, np.ndarray]] = {s.label: {} for s in specs}
+    todo = []
+    for s in specs:
+        for lang in langs:
+            path = output / "states" / s.label / f"{lang}.npz"
+            cached = None if cfg.recompute else load_cached(path, keys[s.label, lang], cfg.pooling)
+            if cached is not None and len(cached) == n:
+                states[s.label][lang] = cached
+            else:
+                todo.append((s, lang))
+    model_info = {s.label: {"label": s.label, "model": s.model, "adapter": s.adapter,
+                            "cached_langs": sorted(states[s.label])} for s in specs}
+    bar = tqdm(total=sum(n for _ in todo), desc="geometry", unit="item", disable=not cfg.progress or not todo,
+               dynamic_ncols=True)
+    for s in specs:
+        mine = [lang for spec, lang in todo if spec == s]
+        if not mine:
+            continue
+        from .models import load_model
+        from .runner import PrefixRunner, max_context
+        t0 = time.perf_counter()
+        lm = load_model(s.model, cfg.dtype, cfg.device, s.adapter)
+        runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
+        limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
+        for lang in mine:
+            bar.set_postfix_str(f"{s.label}/{lang}")
+            ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+            st = collect_states(runner, ps, cfg.pooling, bar)
+            save_cached(output / "states" / s.label / f"{lang}.npz", keys[s.label, lang], cfg.pooling, st,
+                        items[lang], cfg.states_dtype)
+            states[s.label][lang] = st.astype(cfg.states_dtype).astype(np.float32)
+        model_info[s.label].update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+                                    "seconds": round(time.perf_counter() - t0, 3)})
+        release(lm)
+    bar.close()
+    for s in specs:
+        states[s.label] = {lang: states[s.label][lang] for lang in langs}
+        shape = next(iter(states[s.label].values())).shape
+        model_info[s.label].update({"layers": shape[1] - 1, "hidden": shape[2]})
+    return write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
+
+
+def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> dict:
+    output = Path(cfg.output)
+    n_layers = {s.label: model_info[s.label]["layers"] for s in specs}
+    if len(set(n_layers.values())) != 1:
+        raise PolyalignError(f"the models differ in depth: {n_layers}")
+    chosen = parse_layers(cfg.layers, next(iter(n_layers.values())))
+    results = {s.label: analyse(states[s.label], pivot, cfg.center) for s in specs}
+
+    write_csv(output / "pearson.csv", ["model", "layer", "lang_a", "lang_b", "r"],
+              [[s.label, *row] for s in specs for row in results[s.label][2]])
+    align_rows = [[s.label, *row] for s in specs for row in results[s.label][3]]
+    if pivot is not None:
+        write_csv(output / "alignment.csv",
+                  ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"], align_rows)
+    ref = specs[0].label
+    delta_rows = []
+    if pivot is not None and len(specs) > 1:
+        base = {(r[1], r[2]): r[3:] for r in align_rows if r[0] == ref}
+        for r in align_rows:
+            if r[0] != ref:
+                b = base[(r[1], r[2])]
+                delta_rows.append([r[0], ref, r[1], r[2], *(x - y for x, y in zip(r[3:], b))])
+        write_csv(output / "alignment_delta.csv",
+                  ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel", "d_retrieval_acc"],
+                  delta_rows)
+
+    figures = []
+    for layer in chosen:
+        figures.append(str(plot_pca(output / f"pca_layer{layer}.png", layer, langs, specs, results)))
+        figures.append(str(plot_pearson(output / f"pearson_layer{layer}.png", layer, langs, specs, results)))
+    figures.append(str(plot_alignment(output / "alignment.png", langs, specs, results, pivot, cfg.center)))
+
+    summary = {
+        "command": "geometry",
+        "config": asdict(cfg),
+        "task": task.name,
+        "langs": langs,
+        "pivot": pivot,
+        "pooling": cfg.pooling,
+        "center": cfg.center,
+        "n_items": n,
+        "models": list(model_info.values()),
+        "layers": chosen,
+        "per_layer": {},
+        "data_issues": issues,
+        "figures": figures,
+        "seconds": round(time.time() - started, 3),
+        "notes": ("layer 0 = embeddings; layer L = transformers' last hidden state (final-normed for "
+                  "Llama/Qwen2/Mistral/Gemma3); Pearson = np.corrcoef of 1-D PCA scores; alignment metrics "
+                  f"after '{cfg.center}' centering, retrieval into {pivot}"),
+    }
+    for layer in chosen:
+        entry = {}
+        for s in specs:
+            _, ratios, pearson, align = results[s.label]
+            e = {"pca_explained_variance": [float(x) for x in ratios[layer]],
+                 "pearson": {f"{a}-{b}": r for lyr, a, b, r in pearson if lyr == layer}}
+            if pivot is not None:
+                rows = [r for r in align if r[0] == layer]
+                e["alignment"] = {r[1]: {"cos_parallel": r[2], "cos_nonparallel": r[3], "retrieval_acc": r[4]}
+                                  for r in rows}
+                e["alignment_mean"] = {m: float(np.mean([r[2 + i] for r in rows]))
+                                       for i, m in enumerate(["cos_parallel", "cos_nonparallel", "retrieval_acc"])}
+            entry[s.label] = e
+        for s in specs[1:]:
+            d = {"pearson": {k: v - entry[ref]["pearson"][k] for k, v in entry[s.label]["pearson"].items()}}
+            if pivot is not None:
+                d["alignment_mean"] = {k: v - entry[ref]["alignment_mean"][k]
+                                       for k, v in entry[s.label]["alignment_mean"].items()}
+            entry[f"{s.label}-minus-{ref}"] = d
+        summary["per_layer"][str(layer)] = entry
+    write_json(output / "summary.json", summary)
+    print(format_summary(summary, specs, pivot))
+    print(f"geometry: {output / 'summary.json'}")
+    return summary
+
+
+def format_summary(summary: dict, specs, pivot) -> str:
+    lines = []
+    for layer, entry in summary["per_layer"].items():
+        for s in specs:
+            e = entry[s.label]
+            pairs = "  ".join(f"{k} {v:+.2f}" for k, v in e["pearson"].items() if pivot is None or k.startswith(pivot))
+            line = f"layer {layer:>3} {s.label:<16} pearson: {pairs or '-'}"
+            if pivot is not None:
+                m = e["alignment_mean"]
+                line += (f" | cos par {m['cos_parallel']:.3f} non {m['cos_nonparallel']:.3f}"
+                         f" | retrieval {m['retrieval_acc']:.3f}")
+            lines.append(line)
+    return "\n".join(lines)
+
+
+# ============================================================================= plots
+def plot_pca(path: Path, layer: int, langs, specs, results) -> Path:
+    from . import plots
+    plt = plots.plt
+    colors = plots.lang_colors(langs)
+    fig, axes = plt.subplots(len(specs), 2, figsize=(10, 4.2 * len(specs)), squeeze=False)
+    for row, s in enumerate(specs):
+        scores = results[s.label][0][layer]
+        ratio = results[s.label][1][layer]
+        ax_l, ax_i = axes[row]
+        for lang in langs:
+            z = scores[lang]
+            y = z[:, 1] if z.shape[1] > 1 else np.zeros(len(z))
+            ax_l.scatter(z[:, 0], y, s=8, alpha=0.6, color=colors[lang], label=lang, lw=0)
+            sc = ax_i.scatter(z[:, 0], y, s=8, alpha=0.7, c=np.arange(len(z)), cmap="viridis", lw=0)
+        ax_l.legend(markerscale=2, fontsize=7, ncol=2)
+        pct = [f"{100 * r:.0f}%" for r in ratio] + ["", ""]
+        for ax, what in ((ax_l, "language"), (ax_i, "item index")):
+            ax.set_title(f"{s.label} · layer {layer} · by {what}")
+            ax.set_xlabel(f"PC1 ({pct[0]})")
+            ax.set_ylabel(f"PC2 ({pct[1]})")
+        fig.colorbar(sc, ax=ax_i, label="item index")
+    fig.tight_layout()
+    return plots.save(fig, path)
+
+
+def plot_pearson(path: Path, layer: int, langs, specs, results) -> Path:
+    from . import plots
+    plt = plots.plt
+    k = len(langs)
+
+    def matrix(label):
+        m = np.eye(k)
+        for lyr, a, b, r in results[label][2]:
+            if lyr == layer:
+                i, j = langs.index(a), langs.index(b)
+                m[i, j] = m[j, i] = r
+        return m
+
+    mats = [(s.label, matrix(s.label), False) for s in specs]
+    mats += [(f"{s.label} − {specs[0].label}", mats[i + 1][1] - mats[0][1], True) for i, s in enumerate(specs[1:])]
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.9 * len(mats) + 0.6, 3.7), squeeze=False)
+    for ax, (title, m, diff) in zip(axes[0], mats):
+        lim = max(float(np.nanmax(np.abs(m))), 1e-6) if diff else 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_xticks(range(k), langs, fontsize=8)
+        ax.set_yticks(range(k), langs, fontsize=8)
+        ax.grid(False)
+        if k <= 12:
+            for i in range(k):
+                for j in range(k):
+                    if np.isfinite(m[i, j]):
+                        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if abs(m[i, j]) > 0.6 * lim else "black")
+        ax.set_title(f"{title} · layer {layer}" + (" (Δr)" if diff else " (r)"), fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return plots.save(fig, path)
+
+
+def plot_alignment(path: Path, langs, specs, results, pivot, how) -> Path:
+    from . import plots
+    plt = plots.plt
+    colors = plots.lang_colors(langs)
+    panels = (["retrieval_acc", "cos_gap"] if pivot is not None else []) + ["pearson"]
+    titles = {"retrieval_acc": f"retrieval accuracy into {pivot}",
+              "cos_gap": f"cos(parallel) − cos(non-parallel), {how}-centred",
+              "pearson": f"Pearson r of PC1 scores with {pivot or langs[0]}"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    ref = pivot or langs[0]
+    for i, s in enumerate(specs):
+        ls = plots.model_linestyle(i)
+        _, _, pearson, align = results[s.label]
+        for lang in langs:
+            if lang == ref:
+                continue
+            for ax, panel in zip(axes[0], panels):
+                if panel == "pearson":
+                    pts = [(lyr, r) for lyr, a, b, r in pearson if {a, b} == {ref, lang}]
+                else:
+                    pts = [(r[0], r[4] if panel == "retrieval_acc" else r[2] - r[3]) for r in align if r[1] == lang]
+                x, y = zip(*pts)
+                ax.plot(x, y, ls, color=colors[lang], lw=1.3, label=f"{lang} · {s.label}" if len(specs) > 1 else lang)
+    for ax, panel in zip(axes[0], panels):
+        ax.set_title(titles[panel], fontsize=9)
+        ax.set_xlabel("layer")
+        if panel == "retrieval_acc":
+            ax.set_ylim(0, 1.02)
+    axes[0, -1].legend(fontsize=7, ncol=2 if len(specs) > 1 else 1)
+    fig.tight_layout()
+    return plots.save(fig, path)

@@ -1,0 +1,607 @@
+"""`polyalign lens`: the logit lens at the answer position, per layer, per language (Wendler et al. 2024).
+
+For every layer l = 0 (the embeddings) .. L (the last decoder layer), the residual stream at the
+answer position goes through the model's own final norm and unembedding (Gemma's logit softcap
+included), then a softmax. Per sample and layer we record the probability of the gold answer in
+the target language, of its English twin, of all target-language answers, of all English answers
+(each the summed probability of the evaluator's `paper` token sets), and the entropy in bits.
+
+Layer L is read from the decoder's `last_hidden_state`, which is exactly what the model's head
+sees, so it is never normalised twice (transformers already returns hidden_states[-1] normalised
+for Llama, Qwen2, Mistral and Gemma3); layers 0..L-1 get the final norm applied here.
+
+Only the answer position is unembedded; the demos' KV cache is computed once per language
+(`runner.PrefixRunner`), and items run batched, right-padded, sorted by length.
+
+Outputs in --output: lens.csv, samples.npz, excluded.csv, lens_<lang>.png, lens_overlay.png (two
+or more models), summary.json. The helpers for models and prompts here are shared with geometry.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import languages
+from .errors import PolyalignError
+from .store import write_atomic, write_json
+from .tasks import LABEL_MODES, Task, load_task
+
+MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
+LN2 = math.log(2.0)
+
+
+# ============================================================================= shared: models
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to analyse: `label` names it in every output ("base", or the adapter folder's name)."""
+    label: str
+    model: str
+    adapter: str | None = None
+
+
+def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[ModelSpec]:
+    """`--model M [--adapter A] [--compare-adapter B ...]` -> [M(+A), M+B, ...]; labels are unique."""
+    compare = [compare_adapter] if isinstance(compare_adapter, str) else list(compare_adapter or [])
+    specs, seen = [], set()
+    for a in [adapter, *compare]:
+        if a is not None and not Path(a, "adapter_config.json").exists():
+            raise PolyalignError(f"no PEFT adapter at {a!r} (adapter_config.json missing)")
+        label = "base" if a is None else (re.sub(r"[^\w.+-]+", "_", Path(a).resolve().name) or "adapter")
+        base, k = label, 2
+        while label in seen:
+            label, k = f"{base}-{k}", k + 1
+        seen.add(label)
+        specs.append(ModelSpec(label, model, a))
+    return specs
+
+
+def release(lm) -> None:
+    """Drop a loaded model before the next one loads."""
+    del lm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ============================================================================= shared: prompts
+@dataclass
+class Prompt:
+    index: int
+    item: dict
+    text: str
+    ids: list[int]
+    cached_len: int       # leading tokens served by the demos' KV cache
+    query_start: int      # first token of the test item (the demos end before it)
+    truncated: bool
+
+    @property
+    def suffix(self) -> list[int]:
+        return self.ids[self.cached_len:]
+
+
+@dataclass
+class PromptSet:
+    task: Task
+    lang: str
+    mode: str
+    prefix_text: str
+    prefix_ids: list[int]
+    prompts: list[Prompt]
+
+
+def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[str]:
+    prefix = task.demo_prefix(lang, mode)
+    return [prefix + task.query(lang, it) for it in items]
+
+
+def prepare_prompts(tokenizer, task: Task, lang: str, mode: str, items: list[dict],
+                    max_length: int) -> PromptSet:
+    """Tokenize the few-shot prompts as the evaluator does (special tokens on); shorten the longest
+    field of a test item that does not fit in `max_length` (never the demos or the answer cue)."""
+    from .runner import common_prefix_len
+
+    encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"]  # noqa: E731
+    prefix_text = task.demo_prefix(lang, mode)
+    prefix_ids = encode([prefix_text])[0]
+    if len(prefix_ids) + 1 > max_length:
+        raise PolyalignError(f"{task.name}/{lang}: the few-shot demos alone take {len(prefix_ids)} tokens; "
+                             f"the context holds {max_length}")
+    texts = [prefix_text + task.query(lang, it) for it in items]
+    prompts = []
+    for i, (it, text, ids) in enumerate(zip(items, texts, encode(texts) if texts else [])):
+        truncated = len(ids) > max_length
+        if truncated:
+            it, text, ids = _fit(tokenizer, task, lang, it, prefix_text, max_length, encode)
+        q = common_prefix_len(ids, prefix_ids)
+        prompts.append(Prompt(i, it, text, ids, min(q, len(ids) - 1), q, truncated))
+    return PromptSet(task, lang, mode, prefix_text, prefix_ids, prompts)
+
+
+def _fit(tokenizer, task, lang, item, prefix_text, budget, encode):
+    item = dict(item)
+    for _ in range(50):
+        text = prefix_text + task.query(lang, item)
+        ids = encode([text])[0]
+        excess = len(ids) - budget
+        if excess <= 0:
+            return item, text, ids
+        toks = {f: tokenizer(item[f], add_special_tokens=False)["input_ids"] for f in task.fields}
+        f = max(task.fields, key=lambda k: len(toks[k]))
+        if not toks[f]:
+            break
+        item[f] = tokenizer.decode(toks[f][: max(0, len(toks[f]) - excess - 1)])
+    raise PolyalignError(f"{task.name}/{lang}: cannot fit item {item.get('id')} into {budget} tokens")
+
+
+def batch_groups(runner, prompts: list[Prompt]):
+    """Yield lists of prompts to run together: the runner's length-sorted batches, split by cache length."""
+    for batch in runner.batches([len(p.suffix) for p in prompts]):
+        by_cache: dict[int, list[Prompt]] = {}
+        for i in batch:
+            by_cache.setdefault(prompts[i].cached_len, []).append(prompts[i])
+        yield from by_cache.values()
+
+
+def get_prefix(runner, prefix_ids: list[int], cached_len: int, hidden_states: bool = False):
+    from .runner import Prefix
+    if cached_len == 0:
+        return Prefix([], None, None)
+    return runner.prefix(prefix_ids[:cached_len], hidden_states=hidden_states)
+
+
+# ============================================================================= shared: files
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([_fmt(v) for v in r])
+    write_atomic(Path(path), buf.getvalue())
+
+
+def _fmt(v):
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(float(v)) else f"{float(v):.6g}"
+    return v
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez into a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_items(task: Task, langs: list[str], data, limit, trust_file_labels) -> tuple[dict[str, list[dict]], list[str]]:
+    from .data import load_data
+    if limit is not None and limit <= 0:
+        raise PolyalignError("--limit must be a positive number")
+    loaded = load_data(task, langs, data, limit, trust_file_labels)
+    return loaded.items, loaded.issues
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder for --model")
+    p.add_argument("--compare-adapter", action="append", default=None, metavar="DIR",
+                   help="also analyse --model with this adapter (repeatable); outputs compare them "
+                        "with the first model (the base, or --adapter)")
+    p.add_argument("--task", default="amazon_polarity", help="task name or task YAML path")
+    p.add_argument("--data", default=None, help="data source (default: bundled); as for evaluate")
+    p.add_argument("--limit", type=int, default=None, help="N items per language, balanced, parallel")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
+    p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
+    p.add_argument("--trust-file-labels", action="store_true",
+                   help="paper-release data: take each file's own gold words instead of the parallel English ones")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+    kw["compare_adapter"] = list(kw.get("compare_adapter") or [])
+    return cls(**kw)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in LABEL_MODES:
+        raise PolyalignError(f"unknown label mode {mode!r}; use {', '.join(LABEL_MODES)}")
+
+
+# ============================================================================= lens: token sets
+@dataclass
+class LensSets:
+    """The `paper` token sets of one language: per class, in the target language and in English."""
+    classes: list[str]
+    target_words: list[str]
+    english_words: list[str]
+    target: list[list[int]]
+    english: list[list[int]]
+    target_all: list[int]
+    english_all: list[int]
+
+    @property
+    def overlap(self) -> list[bool]:
+        """Per class: a sample of this class cannot be read (its two sets intersect, or one is empty)."""
+        return [not t or not e or bool(set(t) & set(e)) for t, e in zip(self.target, self.english)]
+
+    def columns(self) -> list[list[int]]:
+        """The sets in the order of the lens' output columns: C target, C English, all target, all English."""
+        return [*self.target, *self.english, self.target_all, self.english_all]
+
+
+def lens_sets(tokenizer, task: Task, lang: str) -> LensSets:
+    """Target = the language's native label words; English = the task's English label words."""
+    from .labels import paper_token_set
+    native, english = task.label_words(lang, "native"), task.label_words(lang, "english")
+    if not native:
+        raise PolyalignError(f"task {task.name!r} has no native label words for {lang!r}")
+    tw = [native[c] for c in task.classes]
+    ew = [english[c] for c in task.classes]
+    target = [paper_token_set(tokenizer, w) for w in tw]
+    eng = [paper_token_set(tokenizer, w) for w in ew]
+    union = lambda sets: sorted(set().union(*map(set, sets)))  # noqa: E731
+    return LensSets(list(task.classes), tw, ew, target, eng, union(target), union(eng))
+
+
+# ============================================================================= lens: core
+@torch.inference_mode()
+def answer_states(model, hidden_states, last_hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The final-normed residual at `pos` of every row, per layer: [B, L+1, H], ready for `unembed`.
+
+    hidden_states[0..L-1] get the model's final norm here; layer L is taken from the decoder's
+    last_hidden_state (already normed: what the head really sees)."""
+    from .runner import final_norm
+    rows = torch.arange(last_hidden.shape[0], device=last_hidden.device)
+    n_layers = len(hidden_states) - 1
+    inner = torch.stack([hidden_states[layer][rows, pos] for layer in range(n_layers)], 1)
+    inner = final_norm(model)(inner)
+    return torch.cat([inner.to(last_hidden.dtype), last_hidden[rows, pos].unsqueeze(1)], 1)
+
+
+@torch.inference_mode()
+def lens_measures(model, states: torch.Tensor, columns: list[list[int]], chunk_rows: int | None = None):
+    """states [B, K, H] -> (set probabilities [B, K, S] for the S `columns`, entropy in bits [B, K]).
+    The vocabulary is projected in chunks of rows, to bound memory with 256k-token vocabularies."""
+    from .runner import unembed, unwrap
+    b, k, h = states.shape
+    flat = states.reshape(b * k, h)
+    idx = [torch.tensor(c, dtype=torch.long, device=states.device) for c in columns]
+    sums, ents = [], []
+    if chunk_rows is None:
+        vocab = unwrap(model).get_output_embeddings().weight.shape[0]
+        chunk_rows = max(8, (1 << 25) // vocab)
+    for part in flat.split(chunk_rows):
+        logp = torch.log_softmax(unembed(model, part), dim=-1)
+        p = logp.exp()
+        ents.append(-(p * logp).sum(-1) / LN2)
+        sums.append(torch.stack([p[:, i].sum(-1) if len(i) else p.new_zeros(len(p)) for i in idx], -1))
+    return torch.cat(sums).reshape(b, k, len(columns)), torch.cat(ents).reshape(b, k)
+
+
+@torch.inference_mode()
+def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None) -> dict[str, np.ndarray]:
+    """The lens over one language's prompts -> per-sample arrays (all samples, excluded ones too)."""
+    columns = sets.columns()
+    n, c = len(ps.prompts), len(sets.classes)
+    out_sets = out_ent = None
+    for group in batch_groups(runner, ps.prompts):
+        prefix = get_prefix(runner, ps.prefix_ids, group[0].cached_len)
+        suffixes = [p.suffix for p in group]
+        last_hidden, hidden = runner.forward(prefix, suffixes, hidden_states=True)
+        pos = torch.tensor([len(s) - 1 for s in suffixes], device=last_hidden.device)
+        states = answer_states(model, hidden, last_hidden, pos)
+        probs, ent = lens_measures(model, states, columns)
+        if out_sets is None:
+            out_sets = np.full((n, states.shape[1], len(columns)), np.nan, dtype=np.float64)
+            out_ent = np.full((n, states.shape[1]), np.nan, dtype=np.float64)
+        rows = [p.index for p in group]
+        out_sets[rows] = probs.double().cpu().numpy()
+        out_ent[rows] = ent.double().cpu().numpy()
+        if bar is not None:
+            bar.update(len(group))
+    gold = np.array([sets.classes.index(p.item["label"]) for p in ps.prompts], dtype=np.int64)
+    ar = np.arange(n)
+    excluded = np.array([sets.overlap[g] for g in gold], dtype=bool)
+    return {
+        "ids": np.array([str(p.item.get("id", p.index)) for p in ps.prompts]),
+        "gold": gold,
+        "excluded": excluded,
+        "truncated": np.array([p.truncated for p in ps.prompts], dtype=bool),
+        "target_answer": out_sets[ar, :, gold],
+        "english_answer": out_sets[ar, :, c + gold],
+        "target_all": out_sets[:, :, 2 * c],
+        "english_all": out_sets[:, :, 2 * c + 1],
+        "entropy_bits": out_ent,
+        "target_by_class": out_sets[:, :, :c],
+        "english_by_class": out_sets[:, :, c:2 * c],
+    }
+
+
+def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-column mean and the normal 95% interval mean ± 1.96·sd/√n (sd with ddof=1), as in the paper."""
+    n = x.shape[0]
+    mean = x.mean(0) if n else np.full(x.shape[1:], np.nan)
+    if n < 2:
+        nan = np.full(x.shape[1:], np.nan)
+        return mean, nan, nan
+    half = 1.96 * x.std(0, ddof=1) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def summarize_lang(arr: dict[str, np.ndarray], keep_overlapping: bool = False) -> dict:
+    """Means and CIs over the readable samples: {measure: (mean, lo, hi)}, n."""
+    keep = np.ones_like(arr["excluded"]) if keep_overlapping else ~arr["excluded"]
+    out = {"n": int(keep.sum())}
+    for m in MEASURES:
+        out[m] = mean_ci(arr[m][keep])
+    return out
+
+
+def latent_reading(stats: dict) -> dict:
+    """What the curves say: where English peaks, and whether it leads the target language mid-way."""
+    if stats["n"] == 0:
+        return {"n": 0}
+    t, e = stats["target_answer"], stats["english_answer"]
+    last = len(t[0]) - 1
+    mid = range(1, last)
+    peak = max(mid, key=lambda i: e[0][i]) if last > 1 else last
+    lead = [i for i in mid if e[0][i] > t[0][i]]
+    sig = [i for i in mid if np.isfinite(e[1][i]) and e[1][i] > t[2][i]]
+    return {"n": stats["n"], "final_target_answer": float(t[0][last]), "final_english_answer": float(e[0][last]),
+            "peak_english_layer": int(peak), "peak_english_answer": float(e[0][peak]),
+            "target_answer_at_peak": float(t[0][peak]), "english_leads_layers": lead,
+            "latent_english": bool(sig), "english_significantly_leads_layers": sig,
+            "final_entropy_bits": float(stats["entropy_bits"][0][last])}
+
+
+# ============================================================================= command
+@dataclass
+class LensConfig:
+    model: str = "gemma-3-270m"
+    adapter: str | None = None
+    compare_adapter: list[str] = field(default_factory=list)
+    task: str = "amazon_polarity"
+    langs: str = "zh,ja,ru"
+    labels: str = "native"
+    output: str = "runs/lens"
+    data: str | None = None
+    limit: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_tokens: int | None = None
+    max_length: int | None = None
+    keep_overlapping: bool = False
+    trust_file_labels: bool = False
+    progress: bool = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--langs", default="zh,ja,ru", help="'all', 'high', 'low' or a comma list")
+    p.add_argument("--labels", default="native", choices=list(LABEL_MODES),
+                   help="label words in the demos (the paper's lens uses native); the target answer is "
+                        "always the native word, the English twin the English word")
+    p.add_argument("--output", default="runs/lens")
+    p.add_argument("--keep-overlapping", action="store_true",
+                   help="keep samples whose English and target token sets overlap (counted either way)")
+
+
+def main(args: argparse.Namespace) -> None:
+    run_lens(config_from_args(LensConfig, args))
+
+
+def run_lens(cfg: LensConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from .models import load_model
+    from .runner import PrefixRunner, max_context
+
+    started = time.time()
+    task = load_task(cfg.task)
+    langs = languages.parse_langs(cfg.langs)
+    check_mode(cfg.labels)
+    for lang in langs:  # cheap checks before any model loads
+        task.demo_prefix(lang, cfg.labels)
+        task.label_words(lang, "native")
+        task.label_words(lang, "english")
+    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
+    for line in issues:
+        print(f"data: {line}", file=sys.stderr)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    total = sum(len(items[lang]) for lang in langs) * len(specs)
+    bar = tqdm(total=total, desc="lens", unit="item", disable=not cfg.progress, dynamic_ncols=True)
+    results: dict[str, dict[str, dict]] = {}     # label -> lang -> arrays
+    set_info: dict[str, dict[str, dict]] = {}
+    model_info = []
+    for spec in specs:
+        lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter)
+        runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
+        limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
+        results[spec.label], set_info[spec.label] = {}, {}
+        t0 = time.perf_counter()
+        for lang in langs:
+            bar.set_postfix_str(f"{spec.label}/{lang}")
+            sets = lens_sets(lm.tokenizer, task, lang)
+            ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+            results[spec.label][lang] = run_group(lm.model, runner, ps, sets, bar)
+            set_info[spec.label][lang] = {
+                "target_words": sets.target_words, "english_words": sets.english_words,
+                "target_tokens": [lm.tokenizer.convert_ids_to_tokens(s) for s in sets.target],
+                "english_tokens": [lm.tokenizer.convert_ids_to_tokens(s) for s in sets.english],
+                "overlap": sets.overlap}
+        n_layers = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
+        model_info.append({"label": spec.label, "model": spec.model, "adapter": spec.adapter,
+                           "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+                           "layers": n_layers, "seconds": round(time.perf_counter() - t0, 3)})
+        release(lm)
+    bar.close()
+    return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
+
+
+def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
+    output = Path(cfg.output)
+    csv_rows, excl_rows, stats, readings = [], [], {}, {}
+    arrays = {}
+    for spec in specs:
+        stats[spec.label], readings[spec.label] = {}, {}
+        for lang in langs:
+            arr = results[spec.label][lang]
+            for k, v in arr.items():
+                arrays[f"{spec.label}/{lang}/{k}"] = v
+            for ci, cls in enumerate(task.classes):
+                of = arr["gold"] == ci
+                excl_rows.append([spec.label, lang, cls, int((arr["excluded"] & of).sum()), int(of.sum())])
+            st = summarize_lang(arr, cfg.keep_overlapping)
+            stats[spec.label][lang] = st
+            readings[spec.label][lang] = latent_reading(st)
+            for m in MEASURES:
+                mean, lo, hi = st[m]
+                for layer in range(len(mean)) if st["n"] else []:
+                    csv_rows.append([spec.label, lang, layer, m, mean[layer], lo[layer], hi[layer], st["n"]])
+    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows)
+    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows)
+    write_npz(output / "samples.npz", arrays)
+    print(format_excluded(excl_rows, cfg.keep_overlapping))
+
+    figures = []
+    for lang in langs:
+        if any(stats[s.label][lang]["n"] for s in specs):
+            figures.append(str(plot_lang(output / f"lens_{lang}.png", lang, specs, stats)))
+    if len(specs) > 1 and any(stats[s.label][lang]["n"] for s in specs for lang in langs):
+        figures.append(str(plot_overlay(output / "lens_overlay.png", langs, specs, stats)))
+
+    summary = {
+        "command": "lens",
+        "config": asdict(cfg),
+        "task": task.name,
+        "langs": langs,
+        "models": model_info,
+        "measures": list(MEASURES),
+        "token_sets": set_info,
+        "excluded": [dict(zip(["model", "lang", "class", "n_excluded", "n_total"], r)) for r in excl_rows],
+        "reading": readings,
+        "data_issues": issues,
+        "figures": figures,
+        "seconds": round(time.time() - started, 3),
+        "notes": ("layer 0 = embeddings, layer L = the model's output distribution; CI = mean ± 1.96·sd/√n "
+                  "(ddof=1) over readable samples; latent_english = at some intermediate layer the English "
+                  "answer's CI lies wholly above the target answer's"),
+    }
+    write_json(output / "summary.json", summary)
+    print(format_readings(readings))
+    print(f"lens: {output / 'lens.csv'}")
+    return summary
+
+
+def format_excluded(rows: list[list], kept: bool) -> str:
+    what = "kept anyway (--keep-overlapping)" if kept else "excluded"
+    lines = [f"samples whose English and target token sets overlap ({what}):",
+             f"  {'model':<16} {'lang':<5} {'class':<14} {'n':>9}"]
+    for model, lang, cls, k, n in rows:
+        lines.append(f"  {model:<16} {lang:<5} {cls:<14} {k:>4}/{n:<4}")
+    return "\n".join(lines)
+
+
+def format_readings(readings: dict) -> str:
+    lines = [f"{'model':<16} {'lang':<5} {'n':>4} {'peak EN layer':>13} {'peak EN p':>9} "
+             f"{'final tgt':>9} {'final EN':>8}  latent English"]
+    for label, per in readings.items():
+        for lang, r in per.items():
+            if not r.get("n"):
+                lines.append(f"{label:<16} {lang:<5} {0:>4}  (no readable samples)")
+                continue
+            lines.append(f"{label:<16} {lang:<5} {r['n']:>4} {r['peak_english_layer']:>13} "
+                         f"{r['peak_english_answer']:>9.3f} {r['final_target_answer']:>9.3f} "
+                         f"{r['final_english_answer']:>8.3f}  {'yes' if r['latent_english'] else 'no'}")
+    return "\n".join(lines)
+
+
+# ============================================================================= plots
+def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_all", "english_all"),
+            linestyle=None, label_prefix=""):
+    from .plots import MEASURE_STYLE
+    layers = np.arange(len(st["target_answer"][0]))
+    for m in measures:
+        style = dict(MEASURE_STYLE[m])
+        mean, lo, hi = st[m]
+        ls = linestyle or style["linestyle"]
+        ax.plot(layers, mean, color=style["color"], linestyle=ls, label=label_prefix + style["label"], lw=1.6)
+        if np.isfinite(lo).any():
+            ax.fill_between(layers, lo, hi, color=style["color"], alpha=0.15, lw=0)
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, layers[-1])
+    ax.set_xlabel("layer")
+
+
+def plot_lang(path: Path, lang: str, specs, stats) -> Path:
+    """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above."""
+    from . import plots
+    plt = plots.plt
+    shown = [s for s in specs if stats[s.label][lang]["n"]]
+    fig = plt.figure(figsize=(4.6 * len(shown), 4.2))
+    gs = fig.add_gridspec(2, len(shown), height_ratios=[1, 7], hspace=0.08)
+    vmax = max(float(np.nanmax(stats[s.label][lang]["entropy_bits"][0])) for s in shown)
+    for j, s in enumerate(shown):
+        st = stats[s.label][lang]
+        ax_e = fig.add_subplot(gs[0, j])
+        ax = fig.add_subplot(gs[1, j], sharex=ax_e)
+        ent = st["entropy_bits"][0][None, :]
+        im = ax_e.imshow(ent, aspect="auto", cmap="magma_r", vmin=0, vmax=max(vmax, 1e-6),
+                         extent=(-0.5, ent.shape[1] - 0.5, 0, 1))
+        ax_e.set_yticks([])
+        ax_e.grid(False)
+        ax_e.tick_params(labelbottom=False)
+        ax_e.set_title(f"{s.label} · {lang} · n={st['n']}")
+        _curves(ax, st)
+        ax.set_xlim(-0.5, ent.shape[1] - 0.5)
+        if j == 0:
+            ax.set_ylabel("probability")
+            ax.legend(loc="upper left", fontsize=8)
+        cb = fig.colorbar(im, ax=ax_e, orientation="vertical", fraction=0.04, pad=0.01)
+        cb.set_label("bits", fontsize=7)
+        cb.ax.tick_params(labelsize=6)
+    return plots.save(fig, path)
+
+
+def plot_overlay(path: Path, langs: list[str], specs, stats) -> Path:
+    """Target and English answer curves of every model, one panel per language."""
+    from . import plots
+    plt = plots.plt
+    shown = [lang for lang in langs if any(stats[s.label][lang]["n"] for s in specs)]
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, lang in zip(axes.flat, shown):
+        for i, s in enumerate(specs):
+            st = stats[s.label][lang]
+            if st["n"]:
+                _curves(ax, st, ("target_answer", "english_answer"), plots.model_linestyle(i), f"{s.label}: ")
+        ax.set_title(lang)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("probability")
+    axes[0, 0].legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return plots.save(fig, path)

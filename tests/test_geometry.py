@@ -1,0 +1,195 @@
+"""Pooled hidden states equal a per-item uncached forward; PCA, Pearson and retrieval equal direct
+numpy; the states cache makes a redraw recompute nothing; base vs adapter outputs."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_jsonl
+from polyalign import cli, geometry
+from polyalign.errors import PolyalignError
+from polyalign.geometry import (GeometryConfig, alignment_metrics, center, collect_states, parse_layers,
+                                pca_scores, pearson_pairs, run_geometry)
+from polyalign.lens import prepare_prompts
+from polyalign.models import load_model
+from polyalign.runner import PrefixRunner
+from polyalign.tasks import load_task
+
+TASK_YAML = """
+name: tinygeo
+shots: 2
+fields: [review]
+classes: [positive, negative]
+labels:
+  english: {positive: positive, negative: negative}
+languages:
+  en:
+    template: "{review}\\nEmotion: \\""
+    native: {positive: positive, negative: negative}
+    demos:
+      - {label: positive, review: "I love this kettle, it boils water fast."}
+      - {label: negative, review: "The handle broke after two days."}
+  zh:
+    template: "{review}\\n情感: \\""
+    native: {positive: 积极, negative: 消极}
+    demos:
+      - {label: positive, review: "我很喜欢这个水壶，烧水很快。"}
+      - {label: negative, review: "把手两天后就坏了。"}
+  sw:
+    template: "{review}\\nHisia: \\""
+    native: {positive: chanya, negative: hasi}
+    demos:
+      - {label: positive, review: "Ninapenda birika hili, linachemsha maji haraka."}
+      - {label: negative, review: "Mpini ulivunjika baada ya siku mbili."}
+"""
+REVIEWS = {
+    "en": ["Great book, I read it twice.", "Terrible sound, returned it.", "Works as described, happy.",
+           "Stopped working after a week. Avoid!", "Lovely colours and very soft.", "Too small and it smells."],
+    "zh": ["好书，我读了两遍。", "声音很糟糕，退货了。", "和描述的一样，很满意。", "一周后就坏了。别买！",
+           "颜色很漂亮，非常柔软。", "太小了，而且有味道。"],
+    "sw": ["Kitabu kizuri, nimekisoma mara mbili.", "Sauti mbaya, nimeirudisha.", "Inafanya kazi kama ilivyoelezwa.",
+           "Iliacha kufanya kazi baada ya wiki. Epuka!", "Rangi nzuri na laini sana.", "Ndogo mno na inanuka."],
+}
+GOLD = ["positive", "negative"] * 3
+
+
+@pytest.fixture(scope="session")
+def geo_task(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("geo_task")
+    (root / "tinygeo.yaml").write_text(TASK_YAML, "utf-8")
+    for lang, texts in REVIEWS.items():
+        write_jsonl(root / f"{lang}.jsonl", [{"id": str(i), "review": t, "label": g}
+                                             for i, (t, g) in enumerate(zip(texts, GOLD))])
+    return str(root / "tinygeo.yaml"), str(root / "{lang}.jsonl")
+
+
+@pytest.mark.parametrize("pooling", geometry.POOLINGS)
+def test_states_equal_uncached_forward(tiny_model_path, geo_task, pooling):
+    task_path, _ = geo_task
+    lm = load_model(tiny_model_path, "fp32", "cpu")
+    task = load_task(task_path)
+    items = [{"id": str(i), "review": t, "label": g} for i, (t, g) in enumerate(zip(REVIEWS["zh"], GOLD))]
+    ps = prepare_prompts(lm.tokenizer, task, "zh", "english", items, 4096)
+    assert all(p.cached_len > 1 and p.query_start >= p.cached_len for p in ps.prompts)
+    got = collect_states(PrefixRunner(lm.model, lm.tokenizer, token_budget=48), ps, pooling)
+    for p in ps.prompts:
+        ids = lm.tokenizer(p.text, add_special_tokens=True)["input_ids"]
+        assert ids == p.ids
+        with torch.no_grad():
+            hs = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        query = lm.tokenizer(task.query("zh", p.item), add_special_tokens=False)["input_ids"]
+        for layer, h in enumerate(hs):
+            h = h[0].double().numpy()
+            ref = {"mean": h.mean(0), "last": h[-1], "query-mean": h[p.query_start:].mean(0)}[pooling]
+            np.testing.assert_allclose(got[p.index, layer], ref, atol=1e-5, rtol=1e-5)
+        # the query span is the test item (the tokenizer may merge one token across the boundary)
+        assert abs((len(ids) - p.query_start) - len(query)) <= 1
+
+
+def test_pca_pearson_retrieval_match_numpy():
+    rng = np.random.default_rng(0)
+    n, h = 40, 12
+    base = rng.normal(size=(n, h))
+    by_lang = {"en": base + 0.1 * rng.normal(size=(n, h)), "de": base + 0.5 * rng.normal(size=(n, h)) + 3,
+               "sw": rng.normal(size=(n, h))}
+    scores, ratio = pca_scores(by_lang)
+    x = np.concatenate(list(by_lang.values()))
+    xc = x - x.mean(0)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    ref = xc @ vt[:2].T
+    got = np.concatenate(list(scores.values()))
+    for k in range(2):  # components are defined up to sign
+        sign = np.sign(got[:, k] @ ref[:, k])
+        np.testing.assert_allclose(got[:, k], sign * ref[:, k], atol=1e-8)
+    np.testing.assert_allclose(ratio, (s[:2] ** 2) / (s ** 2).sum(), atol=1e-10)
+    pairs = pearson_pairs({lang: v[:, 0] for lang, v in scores.items()})
+    assert [(a, b) for a, b, _ in pairs] == [("en", "de"), ("en", "sw"), ("de", "sw")]
+    for a, b, r in pairs:
+        xa, xb = scores[a][:, 0], scores[b][:, 0]
+        ref_r = ((xa - xa.mean()) @ (xb - xb.mean())) / np.sqrt(((xa - xa.mean()) ** 2).sum() * ((xb - xb.mean()) ** 2).sum())
+        assert r == pytest.approx(ref_r, abs=1e-12)
+    assert abs(dict(((a, b), r) for a, b, r in pairs)[("en", "de")]) > 0.8  # parallel items correlate
+
+    c = center(by_lang, "lang")
+    for lang in ("de", "sw"):
+        par, non, acc = alignment_metrics(c[lang], c["en"])
+        cos = np.array([[c[lang][i] @ c["en"][j] / np.linalg.norm(c[lang][i]) / np.linalg.norm(c["en"][j])
+                         for j in range(n)] for i in range(n)])
+        assert par == pytest.approx(np.mean([cos[i, i] for i in range(n)]))
+        assert non == pytest.approx(np.mean([cos[i, j] for i in range(n) for j in range(n) if i != j]))
+        assert acc == pytest.approx(np.mean([int(np.argmax(cos[i])) == i for i in range(n)]))
+    assert alignment_metrics(c["de"], c["en"])[2] > 0.9 and alignment_metrics(c["sw"], c["en"])[2] < 0.3
+    joint = center(by_lang, "joint")
+    np.testing.assert_allclose(np.concatenate(list(joint.values())).mean(0), 0, atol=1e-12)
+
+
+def test_parse_layers():
+    assert parse_layers(None, 18) == [9, 17]
+    assert parse_layers("0,-1,5", 18) == [0, 5, 18]
+    with pytest.raises(PolyalignError, match="outside"):
+        parse_layers("19", 18)
+    with pytest.raises(PolyalignError, match="not a layer"):
+        parse_layers("mid", 18)
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_geometry_base_vs_adapter_and_cache(tiny_llama_path, geo_task, tmp_path, monkeypatch, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    task_path, data = geo_task
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    adapter = tmp_path / "qa-sw"
+    peft_model.save_pretrained(adapter)
+    out = tmp_path / "geo"
+    args = ["geometry", "--model", tiny_llama_path, "--compare-adapter", str(adapter), "--task", task_path,
+            "--langs", "en,zh,sw", "--data", data, "--output", str(out), "--dtype", "fp32", "--device", "cpu",
+            "--no-progress"]
+    assert cli.main(args) == 0
+    for name in ("pearson.csv", "alignment.csv", "alignment_delta.csv", "alignment.png", "summary.json",
+                 "pca_layer1.png", "pca_layer2.png", "pearson_layer1.png", "pearson_layer2.png",
+                 "states/base/en.npz", "states/qa-sw/sw.npz"):
+        assert (out / name).exists(), name
+    pearson = read_csv(out / "pearson.csv")
+    assert {r["model"] for r in pearson} == {"base", "qa-sw"}
+    assert len(pearson) == 2 * 4 * 3          # models x layers (0..3) x pairs
+    align = read_csv(out / "alignment.csv")
+    assert {(r["lang"]) for r in align} == {"zh", "sw"} and len(align) == 2 * 4 * 2
+    delta = read_csv(out / "alignment_delta.csv")
+    a = {(r["model"], r["layer"], r["lang"]): float(r["retrieval_acc"]) for r in align}
+    for r in delta:
+        assert float(r["d_retrieval_acc"]) == pytest.approx(a["qa-sw", r["layer"], r["lang"]] - a["base", r["layer"], r["lang"]], abs=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layers"] == [1, 2] and "qa-sw-minus-base" in summary["per_layer"]["1"]
+    capsys.readouterr()
+
+    # A redraw with other layers and centering recomputes nothing: the model is never loaded.
+    def no_load(*a, **k):
+        raise AssertionError("the cached states should have been used")
+    monkeypatch.setattr("polyalign.models.load_model", no_load)
+    assert cli.main(args + ["--layers", "0,-1", "--center", "none"]) == 0
+    assert (out / "pca_layer0.png").exists() and (out / "pearson_layer3.png").exists()
+    assert read_csv(out / "pearson.csv") == pearson        # PCA does not depend on the centering
+    # Another pooling is another set of states: it must recompute.
+    with pytest.raises(AssertionError, match="cached states"):
+        cli.main(args + ["--pooling", "last"])
+
+
+def test_geometry_bad_input(geo_task, tmp_path, capsys):
+    task_path, data = geo_task
+    base = ["geometry", "--model", "unused", "--task", task_path, "--data", data, "--output", str(tmp_path)]
+    assert cli.main(base + ["--langs", "en"]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert cli.main(base + ["--langs", "en,zh", "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err
