@@ -10,6 +10,8 @@ from .errors import PolyalignError
 
 COMMANDS = {
     "evaluate": ("polyalign.evaluate", "few-shot multilingual evaluation with constrained decoding"),
+    "lens": ("polyalign.lens", "logit lens at the answer position: latent English vs target language, per layer"),
+    "geometry": ("polyalign.geometry", "hidden-state geometry: PCA, Pearson of parallel items, cross-lingual alignment"),
     "run": ("polyalign.experiment", "run an experiment file end to end (resumable): eval, prepare, train, analyses, report"),
     "report": ("polyalign.report", "paper-style report (Markdown, self-contained HTML, CSV, LaTeX) of a run folder"),
 }
