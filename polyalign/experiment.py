@@ -864,8 +864,7 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
             print(f"[{i}/{n}] {st.label:<40} {status[st.key]['status']:<8} {st.folder(run)}", file=out)
         return run
     if check_models:
-        for m in exp.models:
-            check_model(m.name)
+        preflight(exp, steps, run)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "experiment.json", {"source": exp.source, "experiment": exp.raw})
     (run / "experiment.yaml").write_text(yaml.safe_dump(exp.raw, sort_keys=False, allow_unicode=True), "utf-8")
@@ -983,6 +982,38 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:  # pragma: no cover
         pass
+
+
+def preflight(exp: Experiment, steps: list[Step], run: Path) -> None:
+    """Before any work: every command the plan needs exists and accepts its options; models exist."""
+    from .cli import COMMANDS
+
+    for m in exp.models:
+        check_model(m.name)
+    names = {"eval": "evaluate"}
+    for kind in dict.fromkeys(st.kind for st in steps):
+        command = names.get(kind, kind)
+        if command not in COMMANDS:
+            raise PolyalignError(f"this installation has no `polyalign {command}` command, which the "
+                                 f"experiment's {kind} steps need")
+    for st in steps:
+        if st.kind == "prepare":
+            _parse_check(st.argv(st, run), f"setting {st.setting}: prepare")
+        elif st.kind in ("lens", "geometry"):
+            cfg = exp.lens if st.kind == "lens" else exp.geometry
+            _parse_check([st.kind, "--model", "m", "--output", str(st.folder(run))] + _options(cfg["options"]),
+                         f"analyses.{st.kind}.options")
+
+
+def _parse_check(argv: list[str], where: str) -> None:
+    class Strict(argparse.ArgumentParser):
+        def error(self, message):
+            raise PolyalignError(f"{where}: {message}")
+
+    module = importlib.import_module(_module_of(argv[0]))
+    parser = Strict(prog=f"polyalign {argv[0]}", add_help=False)
+    module.add_arguments(parser)
+    parser.parse_args(argv[1:])
 
 
 def check_model(name: str) -> None:

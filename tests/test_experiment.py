@@ -33,6 +33,7 @@ def base_raw(**over) -> dict:
         "eval": {"tasks": ["snli"], "langs": LANGS3, "labels": ["english"], "limit": 3},
         "analyses": {"lens": {"task": "snli", "langs": ["zh"], "limit": 3, "settings": ["zhde-en"]},
                      "geometry": {"task": "snli", "langs": ["en", "de"], "limit": 3}},
+        "report": {"bootstrap": 200},
     }
     raw.update(over)
     return raw
@@ -325,7 +326,7 @@ def test_disk_full_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     path.write_text(yaml.safe_dump(raw), "utf-8")
     fake = FakeCommands(fail_on="prepare", exc=OSError(errno.ENOSPC, "No space left on device", "x.jsonl"))
     monkeypatch.setattr(X, "call_command", fake)
-    monkeypatch.setattr(X, "check_model", lambda name: None)
+    monkeypatch.setattr(X, "preflight", lambda exp, steps, run: None)
     assert cli.main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk full" in err[0] and "[2/9] prepare zhde-en" in err[0]
