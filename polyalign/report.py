@@ -457,13 +457,13 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
             folder = run / s["dir"]
             pear = _read_csv(folder / "pearson.csv")
             if pear:
-                t = _pearson_table(pear, s)
+                t = _pearson_table(pear, s, folder)
                 if t:
                     doc.table(t)
                     exported.append(t)
             align = _read_csv(folder / "alignment.csv")
             if align:
-                t = _alignment_table(align, s)
+                t = _alignment_table(align, s, folder)
                 if t:
                     doc.table(t)
                     exported.append(t)
@@ -761,13 +761,20 @@ def _lens_table(rows: list[dict], step: dict) -> Table:
                  f"lens_{_slug(step.get('model') or '', step.get('setting') or 'base')}", csv_rows)
 
 
-def _pearson_table(rows: list[dict], step: dict) -> Table | None:
+def _drawn_layers(folder: Path, layers: list[int]) -> list[int]:
+    """The layers the geometry step drew (pca_layer<L>.png), else the middle, 3/4 and last ones."""
+    drawn = sorted({int(m.group(1)) for p in folder.glob("pca_layer*.png")
+                    if (m := re.fullmatch(r"pca_layer(\d+)", p.stem))} & set(layers))
+    return drawn or sorted({layers[len(layers) // 2], layers[(3 * len(layers)) // 4], layers[-1]})
+
+
+def _pearson_table(rows: list[dict], step: dict, folder: Path) -> Table | None:
     """Pearson r of English with every other language at the layers drawn, per model."""
     models = list(dict.fromkeys(r.get("model", "") for r in rows))
     layers = sorted({int(float(r["layer"])) for r in rows if r.get("layer") not in (None, "")})
     if not layers:
         return None
-    shown = sorted({layers[len(layers) // 2], layers[(3 * len(layers)) // 4], layers[-1]})
+    shown = _drawn_layers(folder, layers)
     pairs = list(dict.fromkeys((r["lang_a"], r["lang_b"]) for r in rows if "en" in (r.get("lang_a"), r.get("lang_b"))))
     if not pairs:
         pairs = list(dict.fromkeys((r["lang_a"], r["lang_b"]) for r in rows))[:12]
@@ -786,12 +793,12 @@ def _pearson_table(rows: list[dict], step: dict) -> Table | None:
                  f"pearson_{_slug(step.get('model') or '', step.get('setting') or 'base')}", csv_rows)
 
 
-def _alignment_table(rows: list[dict], step: dict) -> Table | None:
+def _alignment_table(rows: list[dict], step: dict, folder: Path) -> Table | None:
     models = list(dict.fromkeys(r.get("model", "") for r in rows))
     layers = sorted({int(float(r["layer"])) for r in rows if r.get("layer") not in (None, "")})
     if not layers:
         return None
-    mid = layers[len(layers) // 2]
+    mid = _drawn_layers(folder, layers)[-1]
     look = {(r.get("model", ""), int(float(r["layer"])), r.get("lang")): r for r in rows}
     langs = list(dict.fromkeys(r.get("lang") for r in rows))
     header = ["lang"] + [f"{what} {m}".strip() for m in (models if len(models) > 1 else [""])
@@ -810,7 +817,8 @@ def _alignment_table(rows: list[dict], step: dict) -> Table | None:
         out.append(cells)
     return Table(header, out, f"{step['label']}: alignment at layer {mid} (cos gap = mean cosine of parallel minus "
                  "non-parallel items; retrieval = share of items whose nearest English item is their translation).",
-                 f"alignment_{_slug(step.get('model') or '', step.get('setting') or 'base')}")
+                 f"alignment_{_slug(step.get('model') or '', step.get('setting') or 'base')}",
+                 csv_rows=[dict(r) for r in rows])
 
 
 # ----------------------------------------------------------------------------- CLI
