@@ -30,6 +30,13 @@ def read_records(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise PolyalignError(f"data file not found: {p}")
     suffix = p.suffix.lower()
+    try:
+        return _read_records(p, suffix)
+    except UnicodeDecodeError as e:
+        raise PolyalignError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _read_records(p: Path, suffix: str) -> list[dict]:
     if suffix == ".jsonl":
         out = []
         with p.open(encoding="utf-8") as f:
@@ -45,8 +52,11 @@ def read_records(path: str | Path) -> list[dict]:
                 out.append(rec)
         return out
     if suffix == ".json":
+        text = p.read_text("utf-8")
+        if not text.strip():
+            return []  # an empty file is an empty dataset (reported as such by load_data)
         try:
-            raw = json.loads(p.read_text("utf-8"))
+            raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise PolyalignError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
         if isinstance(raw, dict) and isinstance(raw.get("data"), list):
@@ -111,25 +121,49 @@ def _bundled(task: Task, lang: str) -> list[dict]:
 
 def _pattern(task: Task, lang: str, pattern: str) -> list[dict]:
     path = pattern.format(lang=lang, task=task.name)
+    if Path(path).is_dir():  # e.g. --data 'saved/{lang}', one `save_to_disk` folder per language
+        return _hf(task, lang, path)
     return _to_items(task, lang, read_records(path), path)
 
 
-def _hf(task: Task, lang: str, spec: str) -> list[dict]:
-    """hf:NAME[@SPLIT] (NAME may hold {lang}), or a directory saved by `datasets.save_to_disk`."""
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _hf(task: Task, lang: str, spec: str, several: bool = False) -> list[dict]:
+    """hf:NAME[@SPLIT] (NAME may hold {lang}), or a directory saved by `datasets.save_to_disk`.
+
+    One folder may serve several languages: a DatasetDict keyed by language code, or a dataset with
+    a `lang` (or `language`) column; otherwise each language needs its own folder ({lang} pattern)."""
     import datasets
 
+    by_lang = False
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition("@")
         name = name.format(lang=lang, task=task.name)
         try:
             ds = datasets.load_dataset(name, split=split or "test")
         except Exception as e:  # hub errors come in many types
-            raise PolyalignError(f"cannot load Hugging Face dataset {name!r}: {str(e).splitlines()[0]}") from None
+            raise PolyalignError(f"cannot load Hugging Face dataset {name!r}: {_first_line(e)}") from None
+        where = name
     else:
-        ds = datasets.load_from_disk(spec.format(lang=lang, task=task.name))
+        where = spec.format(lang=lang, task=task.name)
+        try:
+            ds = datasets.load_from_disk(where)
+        except Exception as e:  # FileNotFoundError, or a folder that is not a saved dataset
+            raise PolyalignError(f"cannot load the saved dataset at {where}: {_first_line(e)}") from None
+        by_lang = isinstance(ds, datasets.DatasetDict) and lang in ds
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds["test"] if "test" in ds else next(iter(ds.values()))
-    return _to_items(task, lang, [dict(r) for r in ds], spec)
+            ds = ds[lang] if by_lang else ds["test"] if "test" in ds else next(iter(ds.values()))
+    records = [dict(r) for r in ds]
+    column = next((c for c in ("lang", "language") if c in ds.column_names), None)
+    if column:
+        records = [r for r in records if r[column] == lang]
+    elif several and "{lang}" not in spec and not by_lang:
+        raise PolyalignError(f"{where} holds one dataset for all languages (no split per language code and no "
+                             f"`lang` column); give one per language with a {{lang}} pattern")
+    return _to_items(task, lang, records, where)
 
 
 def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) -> LoadedData:
@@ -154,6 +188,19 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
         seen: dict[str, Counter] = defaultdict(Counter)
         for r, cls in zip(records[:n], en_classes[:n]):
             seen[cls][str(r.get("answer", ""))] += 1
+        registry_cache: dict[str, str | None] = {}
+
+        def registry_class(word: str) -> str | None:
+            """The class the label registry reads `word` as (any label mode), or None."""
+            if word not in registry_cache:
+                try:
+                    registry_cache[word] = _class_of(task, lang, word, where)
+                except PolyalignError:
+                    registry_cache[word] = None
+            return registry_cache[word]
+
+        english_words = task.labels.get("english", {})
+        native_words = task.languages[lang].native if lang in task.languages else {}
         word_to_class = {}
         for cls, words in seen.items():
             if len(words) > 1:
@@ -162,21 +209,27 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
             for w, _ in words.most_common():
                 word_to_class.setdefault(w, cls)
             top = words.most_common(1)[0][0]
-            try:
-                known = _class_of(task, lang, top, where)
-            except PolyalignError:
-                known = None
+            known = registry_class(top)
+            native = native_words.get(cls)
             if known is None:
-                native = task.languages[lang].native.get(cls, "?") if lang in task.languages else "?"
                 issues.append(f"{task.name}/{lang}: file word {top!r} for {cls} matches no label word "
-                              f"of the registry (native: {native!r})")
+                              f"of the registry (native: {native or '?'!r})")
             elif known != cls:
                 issues.append(f"{task.name}/{lang}: file word {top!r} sits on {cls} items but the registry "
                               f"reads it as {known}")
-        items = []
+            elif (lang != "en" and native and top.casefold() != native.casefold()
+                  and top.casefold() == english_words.get(cls, "").casefold()):
+                issues.append(f"{task.name}/{lang}: file word {top!r} for {cls} is left in English "
+                              f"(native: {native!r})")
+        items, changed = [], 0
         for i, (r, cls) in enumerate(zip(records[:n], en_classes[:n])):
             if trust_file_labels:
-                cls = word_to_class.get(str(r.get("answer", "")), cls)
+                # The file's own word decides: as the registry reads it, else as the parallel English
+                # items that carry it mostly read (a word the registry does not know).
+                word = str(r.get("answer", ""))
+                own = registry_class(word) or word_to_class.get(word, cls)
+                changed += own != cls
+                cls = own
             item = {"id": str(i)}
             for f, src in spec["fields"].items():
                 if src not in r:
@@ -184,6 +237,9 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
                 item[f] = str(r[src])
             item["label"] = cls
             items.append(item)
+        if changed:
+            issues.append(f"{task.name}/{lang}: --trust-file-labels moved {changed} of {n} items to the class "
+                          f"of their own gold word")
         out[lang] = items
     return LoadedData(out, f"paper-release:{root}", issues)
 
@@ -195,7 +251,7 @@ def load_data(task: Task, langs: list[str], data: str | None = None, limit: int 
     if data is None:
         loaded = LoadedData({lang: _bundled(task, lang) for lang in need}, "bundled")
     elif data.startswith("hf:"):
-        loaded = LoadedData({lang: _hf(task, lang, data) for lang in need}, data)
+        loaded = LoadedData({lang: _hf(task, lang, data, len(need) > 1) for lang in need}, data)
     elif "{lang}" in data:
         loaded = LoadedData({lang: _pattern(task, lang, data) for lang in need}, data)
     else:
@@ -206,7 +262,7 @@ def load_data(task: Task, langs: list[str], data: str | None = None, limit: int 
             loaded = LoadedData({lang: _pattern(task, lang, str(root / task.name / "{lang}.jsonl"))
                                  for lang in need}, str(root))
         elif (root / "dataset_dict.json").exists() or (root / "dataset_info.json").exists():
-            loaded = LoadedData({lang: _hf(task, lang, str(root)) for lang in need}, str(root))
+            loaded = LoadedData({lang: _hf(task, lang, str(root), len(need) > 1) for lang in need}, str(root))
         else:
             loaded = _release(task, need, root, trust_file_labels)
     for lang, items in loaded.items.items():
