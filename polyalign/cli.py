@@ -37,12 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         importlib.import_module(args._module).main(args)
     except PolyalignError as e:
-        print(f"polyalign {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # always one line
+        print(f"polyalign {args.command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             print(f"polyalign {args.command}: error: disk full while writing {e.filename or ''}; "
                   "free space and rerun to resume", file=sys.stderr)
+            return 2
+        if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)) and e.filename:
+            print(f"polyalign {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:

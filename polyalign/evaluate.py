@@ -167,16 +167,19 @@ def evaluate(cfg: EvalConfig) -> dict:
                 "data": cfg.data, "limit": cfg.limit, "max_length": cfg.max_length,
                 "trust_file_labels": cfg.trust_file_labels}
     settings.update({f"task:{t.name}": content_hash(Path(t.path).read_text("utf-8")) for t in tasks})
-    if rank == 0:
-        check_fingerprint(output, "run.json", settings)
-    if state:
-        state.wait_for_everyone()
+    # Every process checks (so that none waits forever for a rank that failed); the settings are
+    # recorded only once the model has loaded, so that a typo in --model does not claim the folder.
+    check_fingerprint(output, "run.json", settings, record=False)
 
     from .models import load_model
     device = cfg.device
     if state and device == "auto":
         device = str(state.device)
     lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter)
+    if rank == 0:
+        check_fingerprint(output, "run.json", settings)
+    if state:
+        state.wait_for_everyone()
     scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
 
     from tqdm.auto import tqdm

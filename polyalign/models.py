@@ -111,6 +111,15 @@ class LoadedModel:
 def resolve_model_path(name: str) -> str:
     if name == DEFAULT_MODEL:
         return str(embedded_gemma_path())
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise PolyalignError(f"cannot load model {name!r}: the folder has no config.json")
+        return str(p)
+    if p.exists():
+        raise PolyalignError(f"cannot load model {name!r}: a file, not a model folder")
+    if name.startswith(("/", "./", "../", "~")):
+        raise PolyalignError(f"cannot load model {name!r}: no such model folder")
     return name
 
 

@@ -70,17 +70,31 @@ def content_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def check_fingerprint(folder: Path, name: str, settings: dict) -> None:
-    """Refuse to resume into a folder that holds a run with other settings; record them otherwise."""
-    path = folder / name
-    if path.exists():
+def _read_fingerprint(path: Path) -> dict:
+    try:
         old = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PolyalignError(f"{path} is damaged; delete it (and the samples beside it) or choose "
+                             f"another --output") from None
+    if not isinstance(old, dict):
+        raise PolyalignError(f"{path} is not a polyalign run record; choose another --output")
+    return old
+
+
+def check_fingerprint(folder: Path, name: str, settings: dict, record: bool = True) -> None:
+    """Refuse to resume into a folder that holds a run with other settings; record them otherwise
+    (with record=False only check, e.g. before the model has loaded or on every process)."""
+    path = folder / name
+    if folder.exists() and not folder.is_dir():
+        raise PolyalignError(f"--output {folder} is a file, not a folder")
+    if path.exists():
+        old = _read_fingerprint(path)
         for key in sorted(set(old) | set(settings)):
             if key in old and key in settings and old[key] != settings[key]:
                 raise PolyalignError(f"{folder} holds a run with other settings ({key}: {old[key]!r} there, "
                                      f"{settings[key]!r} now); choose another --output")
         merged = {**old, **settings}
-        if merged != old:
+        if record and merged != old:
             write_json(path, merged)
-    else:
+    elif record:
         write_json(path, settings)

@@ -54,7 +54,11 @@ class Task:
     def label_words(self, lang: str, mode: str = "english") -> dict[str, str]:
         """class -> label word in the given mode; `native` words come from the language entry."""
         if mode == "native":
-            return dict(self.lang(lang).native)
+            native = self.lang(lang).native
+            if not native:
+                raise PolyalignError(f"task {self.name!r} has no native label words for language {lang!r}; "
+                                     f"use --labels english or agnostic")
+            return dict(native)
         if mode not in self.labels:
             raise PolyalignError(
                 f"task {self.name!r} has no label mode {mode!r}; it has: "
