@@ -69,11 +69,19 @@ def main(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _dist():
+def _dist(device: str = "auto"):
     """(rank, world, state) — accelerate's state only when launched with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch
         from accelerate import PartialState
-        state = PartialState()
+        # Without cpu=True accelerate ignores a CPU-only torchrun / accelerate launch and every process
+        # would believe it is the only one (each scoring everything into the same files).
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        state = PartialState(cpu=cpu)
+        if state.num_processes != world:
+            raise PolyalignError(f"launched with WORLD_SIZE={world} but accelerate set up {state.num_processes} "
+                                 f"process(es) ({state.distributed_type}); check the launcher and --device")
         return state.process_index, state.num_processes, state
     return 0, 1, None
 
@@ -140,7 +148,7 @@ def format_table(rows: list[dict]) -> str:
 def evaluate(cfg: EvalConfig) -> dict:
     from .scoring import Scorer, decide
 
-    rank, world, state = _dist()
+    rank, world, state = _dist(cfg.device)
     tasks: list[Task] = parse_tasks(cfg.tasks)
     langs = languages.parse_langs(cfg.langs)
     modes = [m.strip() for m in cfg.labels.split(",") if m.strip()]

@@ -32,9 +32,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device not in {"cpu", "cuda", "mps"} and not device.startswith("cuda:"):
+    try:
+        dev = torch.device(device)  # also "cuda:1", and "cpu:0" as accelerate names a CPU process's device
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in {"cpu", "cuda", "mps"}:
         raise PolyalignError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
-    return torch.device(device)
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
