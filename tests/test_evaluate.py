@@ -1,0 +1,206 @@
+"""`polyalign evaluate` end to end on tiny models: output files, resume after a kill, truncation."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from toydata import CLASSES, REVIEWS, expected_prompt, toy
+
+from polyalign import cli, evaluate as evaluate_mod
+from polyalign.scoring import Scorer
+
+ROW_KEYS = {"task", "lang", "labels", "scoring", "n", "acc", "ci_low", "ci_high", "ties", "truncated"}
+SAMPLE_KEYS = {"id", "task", "lang", "prompt", "choices", "scores", "pred", "gold", "correct"}
+
+
+def run(*argv) -> int:
+    return cli.main(["evaluate", "--dtype", "fp32", "--device", "cpu", "--no-progress", *map(str, argv)])
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text("utf-8").splitlines()]
+
+
+def sample_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "samples").rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def count_scored(monkeypatch):
+    """Counts the items that Scorer.score computes (every item of every batch it is given)."""
+    calls = []
+    real = Scorer.score
+
+    def counting(self, group, batch):
+        calls.append((group.lang, group.mode, len(batch)))
+        return real(self, group, batch)
+
+    monkeypatch.setattr(Scorer, "score", counting)
+    return calls
+
+
+# --------------------------------------------------------------------------- end to end
+def test_end_to_end_outputs(tmp_path, tiny_llama_path, capsys):
+    task, data = toy(tmp_path)
+    out = tmp_path / "run"
+    assert run("--model", tiny_llama_path, "--tasks", task, "--data", data, "--langs", "en,de",
+               "--labels", "english,native", "--output", out, "--batch-tokens", 48) == 0
+    printed = capsys.readouterr().out
+    assert "toy_polarity" in printed and "acc" in printed
+
+    results = json.loads((out / "results.json").read_text("utf-8"))
+    assert {(r["lang"], r["labels"]) for r in results["rows"]} == {
+        (lang, mode) for lang in ("en", "de") for mode in ("english", "native")}
+    for key in ("averages", "model", "config", "versions", "git", "timing"):
+        assert key in results, key
+    assert results["model"]["name"] == tiny_llama_path
+    assert results["config"]["scoring"] == "paper" and results["config"]["langs"] == "en,de"
+    assert "torch" in results["versions"] and "transformers" in results["versions"]
+    timing = results["timing"]
+    assert timing["model_load_s"] > 0 and timing["scoring_s"] > 0
+    assert timing["items_per_s"] > 0 and timing["tokens_per_s"] > 0
+
+    for row in results["rows"]:
+        assert ROW_KEYS <= set(row)
+        assert row["task"] == "toy_polarity" and row["scoring"] == "paper" and row["n"] == 12
+        samples = lines(out / "samples" / "toy_polarity" / row["labels"] / f"{row['lang']}.jsonl")
+        assert len(samples) == 12
+        assert row["acc"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
+        assert row["ci_low"] <= row["acc"] <= row["ci_high"] and row["ci_high"] - row["ci_low"] > 0.1
+        assert row["ties"] == sum(s["tied"] for s in samples) and row["truncated"] == 0
+        # One line per item, in data order, with the exact prompt and one score per choice.
+        assert [s["id"] for s in samples] == [f"r{i:02d}" for i in range(12)]
+        for i, s in enumerate(samples):
+            assert SAMPLE_KEYS <= set(s)
+            assert (s["task"], s["lang"]) == ("toy_polarity", row["lang"])
+            assert s["prompt"] == expected_prompt(row["lang"], REVIEWS[row["lang"]][i], row["labels"])
+            if row["labels"] == "native" and row["lang"] == "de":
+                assert s["choices"] == ["positiv", "negativ"]
+            else:
+                assert s["choices"] == ["positive", "negative"]
+            assert len(s["scores"]) == 2 and len(set(s["scores"])) == 2
+            assert s["pred"] == CLASSES[max(range(2), key=lambda k: s["scores"][k])]
+            assert s["gold"] == CLASSES[i % 2]
+            assert s["correct"] == (s["pred"] == s["gold"])
+
+    for a in results["averages"]:
+        mine = [r["acc"] for r in results["rows"] if r["labels"] == a["labels"]]
+        assert a["acc"] == pytest.approx(sum(mine) / len(mine))
+    assert {(a["labels"], a["langs"]) for a in results["averages"]} >= {("english", "all"), ("native", "all")}
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+    # The stored scores belong to the stored prompt (no mix-up between batch slots and items).
+    from polyalign.labels import label_plan
+    from polyalign.models import load_model
+    from polyalign.scoring import naive_scores
+
+    lm = load_model(tiny_llama_path, dtype="fp32", device="cpu")
+    plan = label_plan(lm.tokenizer, CLASSES, ["positiv", "negativ"])
+    for s in lines(out / "samples/toy_polarity/native/de.jsonl"):
+        assert s["scores"] == pytest.approx(naive_scores(lm.model, lm.tokenizer, plan, s["prompt"], "paper"),
+                                            abs=1e-5)
+
+
+# --------------------------------------------------------------------------- resume
+def _args(model, task, data, out, *extra):
+    return ("--model", model, "--tasks", task, "--data", data, "--langs", "en,de", "--output", out,
+            "--batch-tokens", 48, *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_path):
+    """An uninterrupted run; tests copy it or compare with it, never write into it."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    task, data = toy(tmp_path)
+    out = tmp_path / "reference"
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+    return task, data, out
+
+
+def test_resume_after_kill_between_batches(tmp_path, tiny_llama_path, reference, monkeypatch, count_scored):
+    task, data, ref = reference
+    out = tmp_path / "killed"
+    real_append, written = evaluate_mod.append_lines, []
+
+    def append_then_die(path, records):
+        real_append(path, records)
+        written.extend(records)
+        if len(written) >= 5:
+            raise KeyboardInterrupt  # a kill right after a batch reached the disk
+
+    monkeypatch.setattr(evaluate_mod, "append_lines", append_then_die)
+    assert run(*_args(tiny_llama_path, task, data, out)) == 130
+    monkeypatch.setattr(evaluate_mod, "append_lines", real_append)
+    assert 5 <= len(written) < 12
+    assert len(lines(out / "samples/toy_polarity/english/en.jsonl")) == len(written)
+
+    count_scored.clear()
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+    # Finished items are not recomputed: only the rest of en and all of de.
+    assert sum(n for lang, _, n in count_scored if lang == "en") == 12 - len(written)
+    assert sum(n for lang, _, n in count_scored if lang == "de") == 12
+    assert sample_files(out) == sample_files(ref)
+
+    count_scored.clear()
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0  # all done: nothing to score
+    assert count_scored == []
+    assert sample_files(out) == sample_files(ref)
+
+
+def test_resume_after_torn_write_is_byte_identical(tmp_path, tiny_llama_path, reference, count_scored):
+    task, data, ref = reference
+    out = tmp_path / "torn"
+    shutil.copytree(ref, out)
+    en = out / "samples/toy_polarity/english/en.jsonl"
+    kept = en.read_bytes().splitlines(keepends=True)
+    # Lose lines 3-5 and the tail from line 10 on, leaving half of line 10, as a kill during a write would.
+    torn = kept[:2] + kept[5:9] + [kept[9][: len(kept[9]) // 2]]
+    en.write_bytes(b"".join(torn))
+    (out / "results.json").unlink()
+
+    count_scored.clear()
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+    assert sample_files(out) == sample_files(ref)
+    scored_en = sum(n for lang, _, n in count_scored if lang == "en")
+    assert 6 <= scored_en < 12          # the 6 lost items (and their batch mates), not the whole file
+    assert not [c for c in count_scored if c[0] == "de"]
+    results = json.loads((out / "results.json").read_text("utf-8"))
+    assert [r["n"] for r in results["rows"]] == [12, 12]
+
+
+# --------------------------------------------------------------------------- truncation
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory, tiny_tokenizer):
+    from conftest import make_model
+    return str(make_model("llama", tmp_path_factory.mktemp("short"), tiny_tokenizer, max_positions=128))
+
+
+@pytest.mark.parametrize("rule", ["paper", "sequence"])
+def test_long_item_is_truncated_inside_the_item_text(tmp_path, tiny_tokenizer, short_context_model, rule):
+    task, _ = toy(tmp_path)
+    long_review = " ".join(["The blender is loud but it crushes ice and the jar is easy to clean."] * 12)
+    data = tmp_path / "long" / "en.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"id": "long", "review": long_review, "label": "positive"}) + "\n"
+                    + json.dumps({"id": "short", "review": "Nice.", "label": "negative"}) + "\n", "utf-8")
+    assert len(tiny_tokenizer(expected_prompt("en", long_review))["input_ids"]) > 128
+    out = tmp_path / "run"
+    assert run("--model", short_context_model, "--tasks", task, "--data", str(data.parent / "{lang}.jsonl"),
+               "--langs", "en", "--output", out, "--scoring", rule) == 0
+    results = json.loads((out / "results.json").read_text("utf-8"))
+    assert results["rows"][0]["truncated"] == 1
+    long, short = lines(out / "samples/toy_polarity/english/en.jsonl")
+    assert long["truncated"] is True and short["truncated"] is False
+    assert short["prompt"] == expected_prompt("en", "Nice.")
+
+    prompt = long["prompt"]
+    demos = expected_prompt("en", "")[: -len('Review: \nAnswer: "')]
+    assert prompt.startswith(demos + "Review: ")               # the demos are intact
+    assert prompt.endswith('\nAnswer: "')                       # so is the answer cue
+    kept = prompt[len(demos + "Review: "): -len('\nAnswer: "')]
+    assert 10 < len(kept) < len(long_review) and long_review.startswith(kept.rstrip())
+    labels = max(len(tiny_tokenizer(w, add_special_tokens=False)["input_ids"]) for w in CLASSES)
+    room = 128 - (labels if rule == "sequence" else 0)
+    assert len(tiny_tokenizer(prompt)["input_ids"]) <= room
