@@ -29,7 +29,7 @@ import torch
 from . import languages
 from .errors import PolyalignError
 from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, check_mode, config_from_args,
-                   get_prefix, load_items, model_specs, prepare_prompts, prompt_texts, release, write_csv,
+                   get_prefix, load_items, model_specs, prepare_prompts, prompt_texts, release_memory, write_csv,
                    write_npz)
 from .store import content_hash, write_json
 from .tasks import LABEL_MODES, load_task
@@ -357,7 +357,8 @@ def run_geometry(cfg: GeometryConfig) -> dict:
             states[s.label][lang] = st.astype(cfg.states_dtype).astype(np.float32)
         model_info[s.label].update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                                     "seconds": round(time.perf_counter() - t0, 3)})
-        release(lm)
+        del lm, runner
+        release_memory()
     bar.close()
     for s in specs:
         states[s.label] = {lang: states[s.label][lang] for lang in langs}
@@ -541,9 +542,11 @@ def plot_alignment(path: Path, langs, specs, results, pivot, how) -> Path:
                     pts = [(r[0], r[4] if panel == "retrieval_acc" else r[2] - r[3]) for r in align if r[1] == lang]
                 x, y = zip(*pts)
                 ax.plot(x, y, ls, color=colors[lang], lw=1.3, label=f"{lang} · {s.label}" if len(specs) > 1 else lang)
+    from matplotlib.ticker import MaxNLocator
     for ax, panel in zip(axes[0], panels):
         ax.set_title(titles[panel], fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if panel == "retrieval_acc":
             ax.set_ylim(0, 1.02)
     axes[0, -1].legend(fontsize=7, ncol=2 if len(specs) > 1 else 1)

@@ -40,6 +40,7 @@ from .tasks import LABEL_MODES, Task, load_task
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
 LN2 = math.log(2.0)
+LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to count as latent English
 
 
 # ============================================================================= shared: models
@@ -67,9 +68,8 @@ def model_specs(model: str, adapter: str | None = None, compare_adapter=None) ->
     return specs
 
 
-def release(lm) -> None:
-    """Drop a loaded model before the next one loads."""
-    del lm
+def release_memory() -> None:
+    """After the caller dropped its references to a model: free it before the next one loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -365,7 +365,7 @@ def latent_reading(stats: dict) -> dict:
     mid = range(1, last)
     peak = max(mid, key=lambda i: e[0][i]) if last > 1 else last
     lead = [i for i in mid if e[0][i] > t[0][i]]
-    sig = [i for i in mid if np.isfinite(e[1][i]) and e[1][i] > t[2][i]]
+    sig = [i for i in mid if np.isfinite(e[1][i]) and e[1][i] > t[2][i] and e[0][i] >= LATENT_MIN]
     return {"n": stats["n"], "final_target_answer": float(t[0][last]), "final_english_answer": float(e[0][last]),
             "peak_english_layer": int(peak), "peak_english_answer": float(e[0][peak]),
             "target_answer_at_peak": float(t[0][peak]), "english_leads_layers": lead,
@@ -455,7 +455,8 @@ def run_lens(cfg: LensConfig) -> dict:
         model_info.append({"label": spec.label, "model": spec.model, "adapter": spec.adapter,
                            "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                            "layers": n_layers, "seconds": round(time.perf_counter() - t0, 3)})
-        release(lm)
+        del lm, runner
+        release_memory()
     bar.close()
     return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
@@ -507,7 +508,7 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
         "seconds": round(time.time() - started, 3),
         "notes": ("layer 0 = embeddings, layer L = the model's output distribution; CI = mean ± 1.96·sd/√n "
                   "(ddof=1) over readable samples; latent_english = at some intermediate layer the English "
-                  "answer's CI lies wholly above the target answer's"),
+                  f"answer's CI lies wholly above the target answer's and its mean is at least {LATENT_MIN}"),
     }
     write_json(output / "summary.json", summary)
     print(format_readings(readings))
@@ -541,6 +542,8 @@ def format_readings(readings: dict) -> str:
 # ============================================================================= plots
 def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_all", "english_all"),
             linestyle=None, label_prefix=""):
+    from matplotlib.ticker import MaxNLocator
+
     from .plots import MEASURE_STYLE
     layers = np.arange(len(st["target_answer"][0]))
     for m in measures:
@@ -553,6 +556,7 @@ def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_a
     ax.set_ylim(0, 1)
     ax.set_xlim(0, layers[-1])
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_lang(path: Path, lang: str, specs, stats) -> Path:

@@ -67,15 +67,15 @@ def geo_task(tmp_path_factory) -> tuple[str, str]:
     return str(root / "tinygeo.yaml"), str(root / "{lang}.jsonl")
 
 
-@pytest.mark.parametrize("pooling", geometry.POOLINGS)
-def test_states_equal_uncached_forward(tiny_model_path, geo_task, pooling):
+def test_states_equal_uncached_forward(tiny_model_path, geo_task):
     task_path, _ = geo_task
     lm = load_model(tiny_model_path, "fp32", "cpu")
     task = load_task(task_path)
     items = [{"id": str(i), "review": t, "label": g} for i, (t, g) in enumerate(zip(REVIEWS["zh"], GOLD))]
     ps = prepare_prompts(lm.tokenizer, task, "zh", "english", items, 4096)
     assert all(p.cached_len > 1 and p.query_start >= p.cached_len for p in ps.prompts)
-    got = collect_states(PrefixRunner(lm.model, lm.tokenizer, token_budget=48), ps, pooling)
+    runner = PrefixRunner(lm.model, lm.tokenizer, token_budget=48)   # several batches
+    got = {pooling: collect_states(runner, ps, pooling) for pooling in geometry.POOLINGS}
     for p in ps.prompts:
         ids = lm.tokenizer(p.text, add_special_tokens=True)["input_ids"]
         assert ids == p.ids
@@ -84,8 +84,10 @@ def test_states_equal_uncached_forward(tiny_model_path, geo_task, pooling):
         query = lm.tokenizer(task.query("zh", p.item), add_special_tokens=False)["input_ids"]
         for layer, h in enumerate(hs):
             h = h[0].double().numpy()
-            ref = {"mean": h.mean(0), "last": h[-1], "query-mean": h[p.query_start:].mean(0)}[pooling]
-            np.testing.assert_allclose(got[p.index, layer], ref, atol=1e-5, rtol=1e-5)
+            refs = {"mean": h.mean(0), "last": h[-1], "query-mean": h[p.query_start:].mean(0)}
+            for pooling, ref in refs.items():
+                np.testing.assert_allclose(got[pooling][p.index, layer], ref, atol=1e-5, rtol=1e-5,
+                                           err_msg=f"{pooling} item {p.index} layer {layer}")
         # the query span is the test item (the tokenizer may merge one token across the boundary)
         assert abs((len(ids) - p.query_start) - len(query)) <= 1
 

@@ -145,17 +145,18 @@ def read_csv(path) -> list[dict]:
 def test_lens_equals_brute_force(lens_model_path, tiny_task, tmp_path, capsys):
     task_path, data = tiny_task
     out = tmp_path / "lens"
-    cfg = LensConfig(model=lens_model_path, task=task_path, langs=",".join(LANGS), labels="native",
-                     output=str(out), data=data, dtype="fp32", device="cpu", batch_tokens=64,
+    langs = ["zh", "ms"]   # ms: one class readable, one overlapping (kept here, so both are compared)
+    cfg = LensConfig(model=lens_model_path, task=task_path, langs=",".join(langs), labels="native",
+                     output=str(out), data=data, limit=4, dtype="fp32", device="cpu", batch_tokens=64,
                      keep_overlapping=True, progress=False)
     summary = run_lens(cfg)
     samples = np.load(out / "samples.npz")
     lm = load_model(lens_model_path, "fp32", "cpu")
     task = load_task(task_path)
-    for lang in LANGS:
+    for lang in langs:
         sets = lens_sets(lm.tokenizer, task, lang)
         checked = 0
-        for i, (text, gold) in enumerate(zip(REVIEWS[lang], GOLD)):
+        for i, (text, gold) in enumerate(zip(REVIEWS[lang][:4], GOLD)):
             c = task.classes.index(gold)
             prompt = task.prompt(lang, {"review": text}, "native")
             ref = brute_force(lm.model, lm.tokenizer, prompt, sets.target[c], sets.english[c],
@@ -164,8 +165,8 @@ def test_lens_equals_brute_force(lens_model_path, tiny_task, tmp_path, capsys):
                 got = samples[f"base/{lang}/{m}"][i]
                 np.testing.assert_allclose(got, ref[:, j], atol=1e-5, rtol=0, err_msg=f"{lang} item {i} {m}")
             checked += 1
-        assert checked == len(GOLD)
-        assert samples[f"base/{lang}/target_answer"].shape == (len(GOLD), lm.model.config.num_hidden_layers + 1)
+        assert checked == 4
+        assert samples[f"base/{lang}/target_answer"].shape == (4, lm.model.config.num_hidden_layers + 1)
     # The numbers must not be trivially equal across layers (the check would be void).
     ta = samples["base/zh/target_answer"]
     assert np.ptp(ta, axis=1).min() > 1e-6
