@@ -207,8 +207,9 @@ def test_real_process_prints_no_traceback(tmp_path, tiny_llama_path):
     """The installed entry point, as a user runs it: a malformed line is one line on stderr, exit 2."""
     argv, fragments = case_malformed_json_line(tmp_path, tiny_llama_path)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "polyalign", "evaluate", "--model", tiny_llama_path, "--langs", "en,de", *argv,
-                           "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "polyalign", "evaluate", "--model", tiny_llama_path,
+                           "--langs", "en,de", *argv, "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert all(f in proc.stderr for f in fragments)

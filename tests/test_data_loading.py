@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from toydata import GOLD, REVIEWS, write_task
@@ -69,7 +68,6 @@ def test_local_formats(tmp_path, task, fmt):
 
 
 def test_saved_hf_dataset_per_language_folder(tmp_path, task):
-    import datasets
     for lang in ("en", "de"):
         _hf(_rows(lang)).save_to_disk(str(tmp_path / "hf" / lang))
     _check(load_data(task, ["en", "de"], str(tmp_path / "hf" / "{lang}")))
@@ -83,14 +81,12 @@ def test_saved_hf_dataset_dict_keyed_by_language(tmp_path, task):
 
 
 def test_saved_hf_dataset_with_lang_column(tmp_path, task):
-    import datasets
     rows = [{**r, "lang": lang} for lang in ("de", "en") for r in _rows(lang)]
     _hf(rows).save_to_disk(str(tmp_path / "one"))
     _check(load_data(task, ["en", "de"], str(tmp_path / "one")))
 
 
 def test_one_saved_dataset_for_several_languages_is_refused(tmp_path, task):
-    import datasets
     _hf(_rows("en")).save_to_disk(str(tmp_path / "one"))
     assert len(load_data(task, ["en"], str(tmp_path / "one")).items["en"]) == 12  # one language: fine
     with pytest.raises(PolyalignError, match="one dataset for all languages"):

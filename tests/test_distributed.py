@@ -35,7 +35,7 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_llama_path):
         pytest.skip("torchrun is not installed beside this Python")
     task, data = toy(tmp_path)
     common = ["evaluate", "--model", tiny_llama_path, "--tasks", task, "--data", data, "--langs", "en,de",
-              "--labels", "english,native", "--dtype", "fp32", "--device", "auto", "--batch-tokens", "48",
+              "--labels", "english,native", "--dtype", "fp32", "--device", "auto", "--batch-tokens", "160",
               "--no-progress"]
     single = tmp_path / "single"
     assert cli.main([*common, "--output", str(single)]) == 0

@@ -46,7 +46,7 @@ def test_end_to_end_outputs(tmp_path, tiny_llama_path, capsys):
     task, data = toy(tmp_path)
     out = tmp_path / "run"
     assert run("--model", tiny_llama_path, "--tasks", task, "--data", data, "--langs", "en,de",
-               "--labels", "english,native", "--output", out, "--batch-tokens", 48) == 0
+               "--labels", "english,native", "--output", out, "--batch-tokens", 160) == 0
     printed = capsys.readouterr().out
     assert "toy_polarity" in printed and "acc" in printed
 
@@ -106,7 +106,7 @@ def test_end_to_end_outputs(tmp_path, tiny_llama_path, capsys):
 # --------------------------------------------------------------------------- resume
 def _args(model, task, data, out, *extra):
     return ("--model", model, "--tasks", task, "--data", data, "--langs", "en,de", "--output", out,
-            "--batch-tokens", 48, *extra)
+            "--batch-tokens", 160, *extra)
 
 
 @pytest.fixture(scope="module")
