@@ -34,7 +34,7 @@ def count_scored(monkeypatch):
     real = Scorer.score
 
     def counting(self, group, batch):
-        calls.append((group.lang, group.mode, len(batch)))
+        calls.append((group.lang, group.mode, [group.items[i].item["id"] for i in batch]))
         return real(self, group, batch)
 
     monkeypatch.setattr(Scorer, "score", counting)
@@ -139,8 +139,8 @@ def test_resume_after_kill_between_batches(tmp_path, tiny_llama_path, reference,
     count_scored.clear()
     assert run(*_args(tiny_llama_path, task, data, out)) == 0
     # Finished items are not recomputed: only the rest of en and all of de.
-    assert sum(n for lang, _, n in count_scored if lang == "en") == 12 - len(written)
-    assert sum(n for lang, _, n in count_scored if lang == "de") == 12
+    assert sum(len(ids) for lang, _, ids in count_scored if lang == "en") == 12 - len(written)
+    assert sum(len(ids) for lang, _, ids in count_scored if lang == "de") == 12
     assert sample_files(out) == sample_files(ref)
 
     count_scored.clear()
@@ -155,16 +155,20 @@ def test_resume_after_torn_write_is_byte_identical(tmp_path, tiny_llama_path, re
     shutil.copytree(ref, out)
     en = out / "samples/toy_polarity/english/en.jsonl"
     kept = en.read_bytes().splitlines(keepends=True)
-    # Lose lines 3-5 and the tail from line 10 on, leaving half of line 10, as a kill during a write would.
-    torn = kept[:2] + kept[5:9] + [kept[9][: len(kept[9]) // 2]]
+    # Lose lines 3 and 6, and leave the last line half written, as a kill during a write would.
+    torn = kept[:2] + kept[3:5] + kept[6:11] + [kept[11][: len(kept[11]) // 2]]
     en.write_bytes(b"".join(torn))
+    lost = {json.loads(kept[i])["id"] for i in (2, 5, 11)}
     (out / "results.json").unlink()
 
     count_scored.clear()
     assert run(*_args(tiny_llama_path, task, data, out)) == 0
     assert sample_files(out) == sample_files(ref)
-    scored_en = sum(n for lang, _, n in count_scored if lang == "en")
-    assert 6 <= scored_en < 12          # the 6 lost items (and their batch mates), not the whole file
+    rescored = [ids for lang, _, ids in count_scored if lang == "en"]
+    assert lost <= {i for ids in rescored for i in ids}
+    # Only batches holding a lost item are run again (whole, so that their numbers are identical).
+    assert all(lost & set(ids) for ids in rescored), rescored
+    assert sum(map(len, rescored)) < 12
     assert not [c for c in count_scored if c[0] == "de"]
     results = json.loads((out / "results.json").read_text("utf-8"))
     assert [r["n"] for r in results["rows"]] == [12, 12]
