@@ -93,6 +93,19 @@ def test_one_saved_dataset_for_several_languages_is_refused(tmp_path, task):
         load_data(task, ["en", "de"], str(tmp_path / "one"))
 
 
+def test_hf_load_dataset_by_name(tmp_path, task, monkeypatch):
+    """hf:NAME[@SPLIT] goes through datasets.load_dataset; a local data folder stands in for a hub name."""
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    for lang in ("en", "de"):
+        (tmp_path / "hub" / lang).mkdir(parents=True)
+        (tmp_path / "hub" / lang / "validation.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(lang)), "utf-8")
+    _check(load_data(task, ["en", "de"], f"hf:{tmp_path}/hub/{{lang}}@validation"))
+    with pytest.raises(PolyalignError, match="cannot load Hugging Face dataset"):
+        load_data(task, ["en"], f"hf:{tmp_path}/nowhere/{{lang}}")
+
+
 def test_unreadable_inputs_are_user_errors(tmp_path, task):
     (tmp_path / "bad.jsonl").write_bytes(b'{"id": "1", "review": "caf\xe9", "label": "positive"}\n')
     with pytest.raises(PolyalignError, match="UTF-8"):
