@@ -39,7 +39,7 @@ def read_records(path: str | Path) -> list[dict]:
 def _read_records(p: Path, suffix: str) -> list[dict]:
     if suffix == ".jsonl":
         out = []
-        with p.open(encoding="utf-8") as f:
+        with p.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -52,7 +52,7 @@ def _read_records(p: Path, suffix: str) -> list[dict]:
                 out.append(rec)
         return out
     if suffix == ".json":
-        text = p.read_text("utf-8")
+        text = p.read_text("utf-8-sig")
         if not text.strip():
             return []  # an empty file is an empty dataset (reported as such by load_data)
         try:
@@ -65,7 +65,7 @@ def _read_records(p: Path, suffix: str) -> list[dict]:
             raise PolyalignError(f"{p}: expected a list of JSON objects")
         return raw
     if suffix in (".csv", ".tsv"):
-        with p.open(encoding="utf-8", newline="") as f:
+        with p.open(encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
     raise PolyalignError(f"{p}: unsupported data format {suffix!r} (use .json, .jsonl, .csv or .tsv)")
 
