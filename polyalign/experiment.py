@@ -90,6 +90,8 @@ GEOMETRY_DEFAULTS: dict = {
 }
 MODEL_DEFAULTS: dict = {"name": None, "label": None, "dtype": None, "train": {}}
 OPEN = {"prepare", "train", "options"}
+# TrainConfig fields that are not training hyper-parameters (the runner sets them itself).
+TRAIN_META = {"data", "output", "config", "overrides", "resume", "merge", "progress"}
 SECTIONS = {"eval": DEFAULTS["eval"], "report": DEFAULTS["report"], "analyses": DEFAULTS["analyses"],
             "lens": LENS_DEFAULTS, "geometry": GEOMETRY_DEFAULTS}
 
@@ -395,10 +397,11 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
         for key in ("prepare", "train"):
             if not isinstance(s[key] or {}, dict):
                 raise PolyalignError(f"{where}.{key} must be a mapping")
-        data = _opt_str(s["data"], f"{where}.data")
+        extra = {**top["prepare"], **(s["prepare"] or {})}
+        # `prepare: {data: ...}` gives every setting the same question source.
+        data = _opt_str(s["data"] if s["data"] is not None else extra.get("data"), f"{where}.data")
         per_language = _opt_int(s["per_language"], f"{where}.per_language")
         sseed = _opt_int(s["seed"], f"{where}.seed", positive=False)
-        extra = {**top["prepare"], **(s["prepare"] or {})}
         if check_data:
             _check_question_data(task, [*sources, target], data, extra, where)
         settings.append(Setting(sname, sources, target, task.name, data, per_language,
@@ -497,7 +500,7 @@ def _check_eval_data(task, langs: list[str], data: str | None, where: str) -> No
 
 def _check_question_data(task, langs: list[str], data: str | None, extra: dict, where: str) -> None:
     if data is None:
-        if any(k in extra for k in ("translator", "english", "questions")):
+        if extra.get("translator"):
             return  # questions come from a translator backend; prepare checks its own inputs
         root = files("polyalign").joinpath(f"resources/questions/{task.name}")
         missing = [lang for lang in langs if not root.joinpath(f"{lang}.jsonl").is_file()]
@@ -520,6 +523,7 @@ def _check_train_keys(overrides: dict, where: str) -> None:
     fields_ = getattr(getattr(train, "TrainConfig", None), "__dataclass_fields__", None)
     if not fields_:
         return
+    fields_ = [f for f in fields_ if f not in TRAIN_META]
     for key in overrides:
         if key not in fields_:
             raise PolyalignError(f"{where}: unknown training option {key!r}{_nearest(key, fields_)}")
@@ -669,7 +673,7 @@ def plan(exp: Experiment) -> list[Step]:
             eval_step(m, task, None, None)
         for s in exp.settings:
             if s.name not in prepares:
-                popts = {**exp.prepare, **s.prepare}
+                popts = {k: v for k, v in {**exp.prepare, **s.prepare}.items() if k != "data"}
                 pin = {"task": s.task, "task_file": _task_hash(s.task), "sources": s.sources, "target": s.target,
                        "per_language": s.per_language, "data": s.data, "seed": s.seed, "options": popts}
                 n_pairs = (s.per_language or 1000) * len(s.sources)
@@ -697,16 +701,17 @@ def plan(exp: Experiment) -> list[Step]:
             mlabel = f" {m.label}" if len(exp.models) > 1 else ""
 
             def targv(step: Step, run: Path, m=m, overrides=overrides, s=s) -> list[str]:
+                # --resume continues an unfinished run of the same config, and starts a fresh one otherwise.
                 a = ["train", "--model", m.name, "--data", str(step.deps[0].folder(run)),
-                     "--output", str(step.folder(run))]
-                if _has_checkpoint(step.folder(run)):
-                    a.append("--resume")
+                     "--output", str(step.folder(run)), "--resume"]
                 kv = dict(overrides)
                 if "seed" not in kv and s.seed is not None:
                     kv["seed"] = s.seed
-                if "dtype" not in kv and m.dtype not in (None, "auto") and _train_field("dtype"):
+                if "dtype" not in kv and m.dtype not in (None, "auto"):
                     kv["dtype"] = m.dtype
-                return a + _kv({k: v for k, v in kv.items() if _train_field(k)})
+                if "device" not in kv and exp.device not in (None, "auto"):
+                    kv["device"] = exp.device
+                return a + _kv(kv)
 
             trains[(m.label, s.name)] = add(Step("train", f"train{mlabel} {s.name}", tin, [prepares[s.name]],
                                                  60 + work * 6, m.label, s.name, s.task, None, targv))
@@ -768,19 +773,6 @@ def _named_adapter(step_folder: Path, train_folder: Path, name: str) -> Path:
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
     return dst
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    return folder.exists() and any(folder.glob("checkpoint*"))
-
-
-def _train_field(key: str) -> bool:
-    """Whether the trainer knows an option (unknown modules: pass everything through)."""
-    try:
-        fields_ = importlib.import_module("polyalign.train").TrainConfig.__dataclass_fields__
-    except (ImportError, AttributeError):
-        return key not in ("dtype",)
-    return key in fields_
 
 
 def _module_of(command: str) -> str:
@@ -888,9 +880,7 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         print(f"{head}  {_bar(frac)} {frac * 100:3.0f}%  elapsed {_fmt_seconds(elapsed)}  "
               f"ETA {_fmt_seconds(eta) if eta is not None else 'after the first step'}", file=out, flush=True)
         folder = st.folder(run)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "inputs.json", {"kind": st.kind, "label": st.label, "key": st.key,
-                                            "inputs": st.inputs, "deps": [d.key for d in st.deps]})
+        folder.parent.mkdir(parents=True, exist_ok=True)   # the step command creates its own folder
         t0 = time.time()
         try:
             argv = st.argv(st, run)
@@ -914,6 +904,8 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
                                      "lower eval.batch_tokens or the training batch and rerun") from None
             raise
         seconds = time.time() - t0
+        write_json(folder / "inputs.json", {"kind": st.kind, "label": st.label, "key": st.key,
+                                            "inputs": st.inputs, "deps": [d.key for d in st.deps]})
         write_json(folder / "done.json", {"key": st.key, "kind": st.kind, "label": st.label,
                                           "seconds": round(seconds, 2), "summary": summary,
                                           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})

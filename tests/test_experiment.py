@@ -179,6 +179,14 @@ def test_examples_validate(path):
     exp = X.load_experiment(str(path), check_data=False)
     steps = X.plan(exp)
     assert steps and len({s.key for s in steps}) == len(steps)
+    # The options each step passes on are accepted by that command's own parser.
+    from polyalign.cli import COMMANDS
+    for st in steps:
+        if st.kind == "prepare" and "prepare" in COMMANDS:
+            X._parse_check(st.argv(st, Path("runs/x")), st.label)
+        if st.kind in ("lens", "geometry") and st.kind in COMMANDS:
+            cfg = exp.lens if st.kind == "lens" else exp.geometry
+            X._parse_check([st.kind, "--output", "x"] + X._options(cfg["options"]), st.label)
 
 
 def test_demo_validates():
