@@ -174,6 +174,26 @@ def test_resume_after_torn_write_is_byte_identical(tmp_path, tiny_llama_path, re
     assert [r["n"] for r in results["rows"]] == [12, 12]
 
 
+def test_resume_merges_the_part_files_of_a_killed_multi_process_run(tmp_path, tiny_llama_path, reference,
+                                                                    count_scored):
+    """A multi-process run killed mid-language leaves per-rank files; a plain rerun takes them in."""
+    task, data, ref = reference
+    out = tmp_path / "parts"
+    shutil.copytree(ref, out)
+    folder = out / "samples/toy_polarity/english"
+    kept = (folder / "de.jsonl").read_bytes().splitlines(keepends=True)
+    (folder / "de.jsonl").unlink()
+    (folder / "de.rank0.jsonl").write_bytes(b"".join(kept[0:12:2]))
+    (folder / "de.rank1.jsonl").write_bytes(b"".join(kept[1:9:2]) + kept[9][:40])  # rank 1 died mid-write
+    (out / "results.json").unlink()
+
+    count_scored.clear()
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+    assert sample_files(out) == sample_files(ref)  # merged in file order, the part files gone
+    assert {i for _, _, ids in count_scored for i in ids} >= {"r09", "r11"}
+    assert not [c for c in count_scored if c[0] == "en"]
+
+
 # --------------------------------------------------------------------------- truncation
 @pytest.fixture(scope="module")
 def short_context_model(tmp_path_factory, tiny_tokenizer):
