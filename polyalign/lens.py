@@ -292,8 +292,8 @@ def lens_measures(model, states: torch.Tensor, columns: list[list[int]], chunk_r
     for part in flat.split(chunk_rows):
         logp = torch.log_softmax(unembed(model, part), dim=-1)
         p = logp.exp()
-        ents.append(-(p * logp).sum(-1) / LN2)
         sums.append(torch.stack([p[:, i].sum(-1) if len(i) else p.new_zeros(len(p)) for i in idx], -1))
+        ents.append(-p.mul_(logp).sum(-1) / LN2)     # p is not needed after this
     return torch.cat(sums).reshape(b, k, len(columns)), torch.cat(ents).reshape(b, k)
 
 

@@ -195,3 +195,20 @@ def test_geometry_bad_input(geo_task, tmp_path, capsys):
     assert "at least two" in capsys.readouterr().err
     assert cli.main(base + ["--langs", "en,zh", "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
+
+
+def test_outputs_without_pivot(geo_task, tmp_path, capsys):
+    """Without the pivot language in --langs: PCA and Pearson only, no alignment files."""
+    import time
+    from polyalign.lens import ModelSpec
+    rng = np.random.default_rng(1)
+    langs = ["zh", "sw"]
+    states = {"base": {lang: rng.normal(size=(5, 3, 4)).astype(np.float32) for lang in langs}}
+    cfg = GeometryConfig(task=geo_task[0], langs="zh,sw", output=str(tmp_path), pivot="en", layers="1")
+    info = {"base": {"label": "base", "layers": 2, "hidden": 4}}
+    summary = geometry.write_outputs(cfg, load_task(geo_task[0]), langs, [ModelSpec("base", "m")], states, None,
+                                     info, [], 5, time.time())
+    assert summary["layers"] == [1] and "alignment" not in summary["per_layer"]["1"]["base"]
+    assert not (tmp_path / "alignment.csv").exists()
+    assert len(read_csv(tmp_path / "pearson.csv")) == 3
+    assert (tmp_path / "pca_layer1.png").exists() and (tmp_path / "alignment.png").exists()

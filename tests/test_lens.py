@@ -301,3 +301,15 @@ def test_real_gemma_lens_and_geometry(tmp_path):
                      "--data", str(SHARED), "--limit", "8", "--output", str(geo_out), "--no-progress"]) == 0
     geo = json.loads((geo_out / "summary.json").read_text())
     assert geo["layers"] and (geo_out / "alignment.csv").exists()
+
+
+def test_long_items_are_truncated_inside_the_item(tiny_tokenizer, tiny_task):
+    task = load_task(tiny_task[0])
+    items = [{"id": "0", "review": "Great book, I read it twice. " * 40, "label": "positive"},
+             {"id": "1", "review": "Short.", "label": "negative"}]
+    prefix_len = len(tiny_tokenizer(task.demo_prefix("en", "native"))["input_ids"])
+    ps = prepare_prompts(tiny_tokenizer, task, "en", "native", items, prefix_len + 30)
+    long, short = ps.prompts
+    assert long.truncated and not short.truncated
+    assert len(long.ids) <= prefix_len + 30 and long.text.endswith('\nEmotion: "')
+    assert long.text.startswith(task.demo_prefix("en", "native")) and long.cached_len == prefix_len
