@@ -14,6 +14,8 @@ COMMANDS = {
     "geometry": ("polyalign.geometry", "hidden-state geometry: PCA, Pearson of parallel items, cross-lingual alignment"),
     "run": ("polyalign.experiment", "run an experiment file end to end (resumable): eval, prepare, train, analyses, report"),
     "report": ("polyalign.report", "paper-style report (Markdown, self-contained HTML, CSV, LaTeX) of a run folder"),
+    "prepare": ("polyalign.prepare", "question-alignment training pairs (X -> target) from parallel or translated questions"),
+    "train": ("polyalign.train", "LoRA instruction tuning on question-alignment pairs (resumable, DDP-ready)"),
 }
 
 

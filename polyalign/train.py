@@ -1,0 +1,836 @@
+"""`polyalign train`: LoRA instruction tuning on question-alignment pairs (the paper's recipe).
+
+    polyalign train --model gemma-3-270m --data data/zhde-en --output adapters/zhde-en [key=value ...]
+
+Defaults are the paper's (resources/train_defaults.yaml): LoRA r=8, alpha=16, dropout 0 on q_proj and
+v_proj; lr 5e-5, cosine schedule, 10% warmup; 3 epochs; an effective batch of 16 sequences; eval loss on
+the validation split; cutoff 2048 tokens. The loss covers only the target side: one cross-entropy per
+target token (output + eos), averaged over all target tokens of the 16 sequences of an optimizer step,
+exactly as transformers' Trainer does with gradient accumulation.
+
+Speed without changing those semantics:
+- Each optimizer step takes 16 random examples, as a random sampler would. Within the step they are
+  sorted by length and cut into micro-batches (so padding is minimal), and under several processes they
+  are dealt out so that every process gets a similar number of tokens. How a step's examples are grouped
+  into forward passes does not change its gradient: every micro-batch's summed token loss is divided by
+  the step's total number of target tokens.
+- Right padding with causal attention needs no attention mask: real tokens never see the padding.
+- The vocabulary projection runs only at target positions, in chunks, and each chunk's gradient is taken
+  during the forward pass, so the full [tokens x vocabulary] logits never exist (for Gemma's 262k
+  vocabulary they would dominate time and memory). A check at start-up compares this loss with the
+  model's own forward and falls back to the plain path if they disagree.
+- bf16 autocast where the CPU (avx512_bf16 / AMX) or GPU supports it, with the frozen base in bf16 and the
+  LoRA weights and optimizer state in fp32.
+
+Runs unchanged on one CPU or GPU, or under `accelerate launch` (DDP; FSDP and DeepSpeed through an
+accelerate config). Outputs: the PEFT adapter, train_log.jsonl, loss.png, config.yaml, summary.json,
+checkpoints/ (for --resume) and, with --merge, a merged model in <output>/merged.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+from .errors import PolyalignError
+from .store import append_lines, content_hash, read_jsonl, write_atomic, write_json, write_jsonl
+
+# Keys that may differ between a run and its resumption (they change neither the data nor the maths).
+NON_SEMANTIC = {"device", "threads", "save_steps", "save_total_limit"}
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def defaults() -> dict:
+    return yaml.safe_load(files("polyalign").joinpath("resources/train_defaults.yaml").read_text("utf-8"))
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""                      # a `polyalign prepare` folder, or a .jsonl/.json file of pairs
+    output: str = ""
+    config: str | None = None           # YAML file with any subset of the defaults' keys
+    overrides: list[str] = field(default_factory=list)   # "key=value" strings, applied last
+    resume: bool = False
+    merge: bool = False
+    progress: bool = True
+    # Every key of resources/train_defaults.yaml; None = not set here (the default or --config applies).
+    model: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    chat_template: bool | None = None
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_target: list[str] | None = None
+    lr: float | None = None
+    scheduler: str | None = None
+    warmup_ratio: float | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    micro_batch_size: int | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    adam_beta1: float | None = None
+    adam_beta2: float | None = None
+    adam_epsilon: float | None = None
+    seed: int | None = None
+    cutoff: int | None = None
+    val_ratio: float | None = None
+    logging_steps: int | None = None
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    loss_chunk: int | None = None
+    gradient_checkpointing: bool | None = None
+    threads: int | None = None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a `polyalign prepare` folder, or a .jsonl/.json file of "
+                                                 "{input, output} (or {input, answer}, or alpaca) records")
+    p.add_argument("--output", required=True, help="output folder for the adapter, logs and checkpoints")
+    p.add_argument("--model", default=None, help="HF id, local folder, or the embedded gemma-3-270m (default)")
+    p.add_argument("--config", default=None, help="YAML file overriding train_defaults.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--merge", action="store_true", help="also write the merged model to <output>/merged")
+    p.add_argument("--chat-template", dest="chat_template", action="store_true", default=None,
+                   help="format inputs with the tokenizer's chat template (chat models)")
+    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override any default, e.g. epochs=1 max_steps=20 lr=1e-4 (see docs/training.md)")
+
+
+def main(args: argparse.Namespace) -> None:
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    train(cfg)
+
+
+# ----------------------------------------------------------------------------- configuration
+def _coerce(key: str, value, default):
+    where = f"setting {key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "yes", "1", "on"):
+            return True
+        if str(value).lower() in ("false", "no", "0", "off"):
+            return False
+        raise PolyalignError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise PolyalignError(f"{where}: expected a whole number, got {value!r}") from None
+        if f != int(f):
+            raise PolyalignError(f"{where}: expected a whole number, got {value!r}")
+        return int(f)
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise PolyalignError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not value:
+            raise PolyalignError(f"{where}: expected a list such as [q_proj, v_proj], got {value!r}")
+        return [str(v) for v in value]
+    return str(value)
+
+
+def _check_key(key: str, known, origin: str) -> None:
+    if key not in known:
+        near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.0)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise PolyalignError(f"unknown setting {key!r} in {origin}{hint}")
+
+
+def resolve_config(cfg: TrainConfig) -> dict:
+    """defaults <- --config file <- fields set on TrainConfig <- key=value overrides; validated."""
+    base = defaults()
+    hp = dict(base)
+    if cfg.config:
+        path = Path(cfg.config)
+        if not path.is_file():
+            raise PolyalignError(f"config file not found: {cfg.config}")
+        try:
+            raw = yaml.safe_load(path.read_text("utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise PolyalignError(f"{cfg.config} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise PolyalignError(f"{cfg.config} must hold a mapping of settings")
+        for k, v in raw.items():
+            _check_key(str(k), base, cfg.config)
+            hp[str(k)] = _coerce(str(k), v, base[str(k)])
+    for k in base:
+        v = getattr(cfg, k, None)
+        if v is not None:
+            hp[k] = _coerce(k, v, base[k])
+    for item in cfg.overrides or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise PolyalignError(f"override {item!r}: use key=value, e.g. epochs=1")
+        _check_key(key, base, "the command line")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        hp[key] = _coerce(key, parsed, base[key])
+    _validate(hp)
+    return hp
+
+
+def _validate(hp: dict) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise PolyalignError(msg)
+    need(hp["lora_r"] > 0, "lora_r must be positive")
+    need(0 <= hp["lora_dropout"] < 1, "lora_dropout must be in [0, 1)")
+    need(hp["lr"] > 0, "lr must be positive")
+    need(hp["scheduler"] in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}")
+    need(0 <= hp["warmup_ratio"] < 1, "warmup_ratio must be in [0, 1)")
+    need(hp["epochs"] > 0 or hp["max_steps"] > 0, "epochs (or max_steps) must be positive")
+    need(hp["max_steps"] >= 0, "max_steps must be 0 (off) or positive")
+    need(hp["batch_size"] > 0 and hp["micro_batch_size"] > 0, "batch_size and micro_batch_size must be positive")
+    need(hp["cutoff"] >= 2, "cutoff must be at least 2 tokens")
+    need(0 <= hp["val_ratio"] < 1, "val_ratio must be in [0, 1)")
+    for k in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "loss_chunk", "threads"):
+        need(hp[k] >= 0, f"{k} must be 0 or positive")
+    need(hp["logging_steps"] > 0, "logging_steps must be positive")
+    need(hp["dtype"] in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32")
+
+
+# ----------------------------------------------------------------------------- data
+def _normalize(rec: dict, where: str, n: int) -> dict:
+    if "instruction" in rec and "output" in rec:          # alpaca
+        inp = str(rec["instruction"]) + (("\n" + str(rec["input"])) if rec.get("input") else "")
+        out = rec["output"]
+    elif "input" in rec and ("output" in rec or "answer" in rec):
+        inp, out = rec["input"], rec.get("output", rec.get("answer"))
+    else:
+        raise PolyalignError(f"{where}: record {n} has neither input/output nor instruction/output fields "
+                             f"(has {sorted(rec)})")
+    if not str(inp).strip() or out is None or not str(out).strip():
+        raise PolyalignError(f"{where}: record {n} has an empty input or output")
+    return {"id": str(rec.get("id", n)), "input": str(inp), "output": str(out)}
+
+
+def load_pairs(data: str, val_ratio: float, seed: int) -> tuple[list[dict], list[dict], str]:
+    """(train, val, description) from a prepared folder or a single file of pairs."""
+    from .data import read_records
+    from .prepare import split_pairs
+
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "train.jsonl").is_file():
+            raise PolyalignError(f"{data} holds no train.jsonl; build it with `polyalign prepare`")
+        train = [_normalize(r, str(path / "train.jsonl"), i) for i, r in enumerate(read_jsonl(path / "train.jsonl"))]
+        val = [_normalize(r, str(path / "val.jsonl"), i) for i, r in enumerate(read_jsonl(path / "val.jsonl"))]
+        return train, val, str(path)
+    if not path.is_file():
+        raise PolyalignError(f"training data not found: {data}")
+    recs = [_normalize(r, data, i) for i, r in enumerate(read_records(path))]
+    for i, r in enumerate(recs):
+        r["group"] = str(i)
+    train, val = split_pairs(recs, val_ratio, seed)
+    strip = lambda rs: [{k: r[k] for k in ("id", "input", "output")} for r in rs]  # noqa: E731
+    return strip(train), strip(val), str(path)
+
+
+def _limits(s: int, t: int, cutoff: int) -> tuple[int, int]:
+    """LLaMA-Factory's split of the cutoff between source and target lengths."""
+    if s + t <= cutoff:
+        return s, t
+    if 2 * t < cutoff:
+        return cutoff - t, t
+    if 2 * s < cutoff:
+        return s, cutoff - s
+    ms = max(1, int(cutoff * s / (s + t)))
+    return ms, cutoff - ms
+
+
+def encode_pair(tokenizer, inp: str, out: str, cutoff: int, chat_template: bool = False) -> tuple[list[int], int, bool]:
+    """(token ids, number of prompt tokens, truncated?). Labels are ids[n_prompt:] (output + eos)."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PolyalignError("chat_template=true but the tokenizer has no chat template; drop --chat-template")
+        user = [{"role": "user", "content": inp}]
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": out}], tokenize=False)
+        if not full.startswith(prompt):
+            raise PolyalignError("the chat template does not extend the prompt with the answer; cannot mask it")
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    else:
+        p = tokenizer(inp)["input_ids"]
+        t = tokenizer(out, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ms, mt = _limits(len(p), len(t), cutoff)
+    truncated = ms < len(p) or mt < len(t)
+    p, t = p[:max(ms, 1)], t[:mt]
+    return p + t, len(p), truncated
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    start: int          # first target token; the loss covers ids[start:]
+
+    @property
+    def n_target(self) -> int:
+        return len(self.ids) - self.start
+
+
+# ----------------------------------------------------------------------------- the loss
+def _chunked_ce_forward(hidden, targets, head, softcap, chunk, want_grad):
+    import torch
+    import torch.nn.functional as F
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden) if want_grad else None
+    for s in range(0, hidden.shape[0], chunk):
+        h = hidden[s:s + chunk].detach()
+        with torch.enable_grad() if want_grad else torch.no_grad():
+            if want_grad:
+                h.requires_grad_(True)
+            logits = head(h).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            loss = F.cross_entropy(logits, targets[s:s + chunk], reduction="sum")
+            if want_grad:
+                grad[s:s + chunk] = torch.autograd.grad(loss, h)[0]
+        total += loss.detach()
+    return total, grad
+
+
+def _make_chunked_ce():
+    import torch
+
+    class ChunkedCE(torch.autograd.Function):
+        """Summed cross-entropy of `head(hidden)`; the gradient is computed chunk by chunk in the forward
+        pass, so [positions x vocabulary] logits never stay alive (and are never recomputed)."""
+
+        @staticmethod
+        def forward(ctx, hidden, targets, head, softcap, chunk):
+            total, grad = _chunked_ce_forward(hidden, targets, head, softcap, chunk, True)
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_out.to(grad.dtype), None, None, None, None
+
+    return ChunkedCE
+
+
+def make_loss_model(peft_model, chunk: int, fast: bool = True):
+    import torch
+
+    ChunkedCE = _make_chunked_ce()
+
+    class LossModel(torch.nn.Module):
+        """forward(ids, rows, cols, targets) -> summed target-token loss (fp32). Wrapping the whole loss
+        in one module lets DDP / FSDP / DeepSpeed see a single forward."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.fast = fast
+            self.chunk = chunk
+
+        def _causal_lm(self):
+            return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+        def forward(self, input_ids, rows, cols, targets):
+            lm = self._causal_lm()
+            head = lm.get_output_embeddings()
+            if self.fast and not any(p.requires_grad for p in head.parameters()):
+                hidden = lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+                picked = hidden[rows, cols]
+                softcap = getattr(lm.config, "final_logit_softcapping", None)
+                if torch.is_grad_enabled():
+                    return ChunkedCE.apply(picked, targets, head, softcap, self.chunk)
+                return _chunked_ce_forward(picked, targets, head, softcap, self.chunk, False)[0]
+            logits = lm(input_ids=input_ids, use_cache=False).logits
+            return torch.nn.functional.cross_entropy(logits[rows, cols].float(), targets, reduction="sum")
+
+    return LossModel(peft_model)
+
+
+def collate(examples: list[Example], pad_id: int, device):
+    """Right-padded ids plus the (row, col) positions that predict target tokens, and those targets."""
+    import torch
+
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    rows, cols, tgts = [], [], []
+    for r, e in enumerate(examples):
+        ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        n = e.n_target
+        rows += [r] * n
+        cols += range(e.start - 1, len(e.ids) - 1)
+        tgts += e.ids[e.start:]
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return ids.to(device), t(rows), t(cols), t(tgts)
+
+
+def plan_step(indices: list[int], examples: list[Example], world: int, rank: int, micro: int,
+              n_micro: int) -> list[tuple[list[int], float]]:
+    """This process's micro-batches for one optimizer step: (example indices, weight). The step's examples
+    are sorted by length and dealt out in a snake order (similar token counts per process); every process
+    runs exactly n_micro forwards (a missing one re-runs the step's shortest example with weight 0)."""
+    order = sorted(indices, key=lambda i: (-len(examples[i].ids), i))
+    mine = [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+    batches = [(mine[j:j + micro], 1.0) for j in range(0, len(mine), micro)]
+    while len(batches) < n_micro:
+        batches.append(([order[-1]], 0.0))
+    return batches
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------- run folder
+def _fingerprint(resolved: dict) -> dict:
+    return {k: v for k, v in resolved.items() if k not in NON_SEMANTIC and k not in ("output", "world_size")}
+
+
+def _check_output(out: Path, resolved: dict, resume: bool) -> str:
+    """'fresh', 'resume' or 'done'; an error when the folder holds something else."""
+    if not out.exists():
+        return "fresh"
+    if not out.is_dir():
+        raise PolyalignError(f"--output {out} is a file, not a folder")
+    conf = out / "config.yaml"
+    if not conf.is_file():
+        if any(out.iterdir()):
+            raise PolyalignError(f"--output {out} is not empty and holds no polyalign training run; choose another")
+        return "fresh"
+    try:
+        old = yaml.safe_load(conf.read_text("utf-8")) or {}
+    except yaml.YAMLError:
+        raise PolyalignError(f"{conf} is damaged; choose another --output") from None
+    a, b = _fingerprint(old), _fingerprint(resolved)
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            raise PolyalignError(f"{out} already holds a different run ({key}: {a.get(key)!r} there, "
+                                 f"{b.get(key)!r} now); choose another --output")
+    if (out / "summary.json").is_file():
+        return "done"
+    if not resume:
+        raise PolyalignError(f"{out} holds an unfinished run of this config; pass --resume to continue it "
+                             f"(or choose another --output)")
+    return "resume"
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+# ----------------------------------------------------------------------------- training
+def _accelerator(mixed_precision: str, n_micro: int, cpu: bool):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # A second Accelerator in one process (tests, `polyalign run`, the benchmark) may need other
+    # settings; the process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=n_micro, cpu=cpu)
+
+
+def train(cfg: TrainConfig) -> dict:
+    if not cfg.data:
+        raise PolyalignError("--data is required (a `polyalign prepare` folder or a file of pairs)")
+    if not cfg.output:
+        raise PolyalignError("--output is required")
+    hp = resolve_config(cfg)
+    train_recs, val_recs, data_desc = load_pairs(cfg.data, hp["val_ratio"], hp["seed"])
+    if not train_recs:
+        raise PolyalignError(f"{cfg.data}: no training pairs")
+    data_hash = content_hash([[(r["input"], r["output"]) for r in train_recs],
+                              [(r["input"], r["output"]) for r in val_recs]])
+    resolved = {"data": str(cfg.data), "data_hash": data_hash, **hp}
+    out = Path(cfg.output)
+
+    from accelerate import PartialState
+    cpu = hp["device"] == "cpu"
+    state = PartialState(cpu=cpu)
+    world, rank = state.num_processes, state.process_index
+    if hp["batch_size"] % world:
+        raise PolyalignError(f"batch_size {hp['batch_size']} is not divisible by {world} processes")
+    # Every process decides the same way (it reads the same folder) before anything is written.
+    mode = _check_output(out, resolved, cfg.resume)
+    if mode == "done":
+        summary = json.loads((out / "summary.json").read_text("utf-8"))
+        if cfg.merge and not (out / "merged" / "config.json").exists() and rank == 0:
+            _merge_saved(out, hp)
+            summary["merged"] = str(out / "merged")
+        if rank == 0:
+            print(f"train: {out} already holds this finished run (final eval loss "
+                  f"{summary.get('final_eval_loss')}); nothing to do", file=sys.stderr)
+        return summary
+
+    import torch
+    if hp["threads"]:
+        torch.set_num_threads(hp["threads"])
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    from .models import load_model, resolve_dtype
+
+    per_rank = hp["batch_size"] // world
+    n_micro = math.ceil(per_rank / hp["micro_batch_size"])
+    dtype = resolve_dtype(hp["dtype"], state.device)
+    mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    accelerator = _accelerator(mp, n_micro, cpu)
+    device = accelerator.device
+    wall_start = time.time()
+
+    lm = load_model(hp["model"], {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), str(device))
+    tok = lm.tokenizer
+    if tok.eos_token_id is None:
+        raise PolyalignError(f"model {hp['model']!r} has no eos token; cannot end the targets")
+    truncated = 0
+    encoded = []
+    for recs in (train_recs, val_recs):
+        exs = []
+        for r in recs:
+            ids, start, cut = encode_pair(tok, r["input"], r["output"], hp["cutoff"], hp["chat_template"])
+            truncated += cut
+            exs.append(Example(ids, start))
+        encoded.append(exs)
+    train_ex, val_ex = encoded
+
+    model = lm.model
+    model.config.use_cache = False
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(hp["seed"])
+    random.seed(hp["seed"])
+    lora = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
+                      target_modules=list(hp["lora_target"]), bias="none", task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise PolyalignError(f"LoRA targets {hp['lora_target']} do not fit model {hp['model']!r}: "
+                             f"{str(e).splitlines()[0]}") from None
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()       # fp32 master weights for the adapter
+    if hp["gradient_checkpointing"]:
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    peft_model.train()
+    vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
+    chunk = hp["loss_chunk"] or max(32, (1 << 25) // vocab)
+    fast = _fast_loss_ok(peft_model, train_ex[0], chunk, device, dtype, tok.pad_token_id)
+    loss_model = make_loss_model(peft_model, chunk, fast)
+    trainable = [p for p in loss_model.parameters() if p.requires_grad]
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type in ("cuda", "cpu") and _fused_ok() else {}
+    optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], betas=(hp["adam_beta1"], hp["adam_beta2"]),
+                                  eps=hp["adam_epsilon"], weight_decay=hp["weight_decay"], **fused)
+    steps_per_epoch = math.ceil(len(train_ex) / hp["batch_size"])
+    total = hp["max_steps"] or math.ceil(hp["epochs"] * steps_per_epoch)
+    warmup = math.ceil(total * hp["warmup_ratio"])
+    from transformers import get_scheduler
+    scheduler = get_scheduler(SCHEDULERS[hp["scheduler"]], optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total)
+    wrapped, optimizer = accelerator.prepare(loss_model, optimizer)
+
+    eval_every = hp["eval_steps"] or max(1, total // 10)
+    save_every = hp["save_steps"] or max(1, min(50, total // 20))
+    resolved.update(world_size=world, steps=total, warmup_steps=warmup, steps_per_epoch=steps_per_epoch,
+                    fast_loss=fast)
+
+    # ---- state: fresh or from the last checkpoint
+    step, tokens, target_tokens, train_seconds = 0, 0, 0, 0.0
+    acc = {"loss": 0.0, "targets": 0, "steps": 0}
+    resumed_from = None
+    ckpts = _checkpoints(out) if mode == "resume" else []
+    if ckpts:
+        st = _load_checkpoint(ckpts[-1], peft_model, names, optimizer, scheduler)
+        step, tokens, target_tokens = st["step"], st["tokens"], st["target_tokens"]
+        train_seconds, acc = st["train_seconds"], st["acc"]
+        resumed_from = step
+    if rank == 0:
+        if mode == "fresh":
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+            write_jsonl(out / "train_log.jsonl", [])
+        else:
+            log = [r for r in read_jsonl(out / "train_log.jsonl", repair=True) if r.get("step", 0) <= step]
+            write_jsonl(out / "train_log.jsonl", log)
+        print(f"train: {len(train_ex)} pairs ({len(val_ex)} val), {total} steps of {hp['batch_size']} "
+              f"({n_micro} x {hp['micro_batch_size']} per process, {world} process(es)), {device}, "
+              f"{mp if mp != 'no' else 'fp32'}" + (f"; resuming at step {step}" if resumed_from else ""),
+              file=sys.stderr)
+    accelerator.wait_for_everyone()
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not cfg.progress or rank != 0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    perm_epoch, perm = -1, None
+    last_eval = None
+    try:
+        while step < total:
+            epoch, within = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(hp["seed"] + epoch)
+                perm, perm_epoch = torch.randperm(len(train_ex), generator=g).tolist(), epoch
+            idx = perm[within * hp["batch_size"]:(within + 1) * hp["batch_size"]]
+            step_targets = sum(train_ex[i].n_target for i in idx)
+            t0 = time.perf_counter()
+            lr_now = scheduler.get_last_lr()[0]
+            mine = torch.zeros(2, dtype=torch.float64, device=device)
+            grad_norm = None
+            for members, weight in plan_step(idx, train_ex, world, rank, hp["micro_batch_size"], n_micro):
+                with accelerator.accumulate(wrapped):
+                    batch = collate([train_ex[i] for i in members], pad, device)
+                    loss_sum = wrapped(*batch)
+                    # Per-token loss over the whole step (all processes); DDP averages, accumulate divides.
+                    accelerator.backward(loss_sum * (weight * world * n_micro / step_targets))
+                    mine[0] += float(loss_sum.detach()) * weight
+                    if accelerator.sync_gradients and hp["max_grad_norm"] > 0:
+                        gn = accelerator.clip_grad_norm_(trainable, hp["max_grad_norm"])
+                        grad_norm = float(gn) if gn is not None else None
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            train_seconds += time.perf_counter() - t0
+            tokens += sum(len(train_ex[i].ids) for i in idx)
+            target_tokens += step_targets
+            step_loss = float(accelerator.reduce(mine, "sum")[0]) if world > 1 else float(mine[0])
+            acc["loss"] += step_loss
+            acc["targets"] += step_targets
+            acc["steps"] += 1
+            bar.update(1)
+            epoch_f = round(step / steps_per_epoch, 4)
+            if step % hp["logging_steps"] == 0 or step == total:
+                rec = {"step": step, "epoch": epoch_f, "loss": acc["loss"] / max(acc["targets"], 1), "lr": lr_now,
+                       "tokens": tokens, "grad_norm": grad_norm, "seconds": round(train_seconds, 3)}
+                acc = {"loss": 0.0, "targets": 0, "steps": 0}
+                if rank == 0:
+                    append_lines(out / "train_log.jsonl", [rec])
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if val_ex and (step % eval_every == 0 or step == total):
+                last_eval = evaluate_loss(wrapped, val_ex, world, rank, hp["micro_batch_size"], pad, device,
+                                          accelerator)
+                if rank == 0:
+                    append_lines(out / "train_log.jsonl", [{"step": step, "epoch": epoch_f, "eval_loss": last_eval}])
+                    bar.write(f"step {step}: eval loss {last_eval:.4f}")
+            if step % save_every == 0 and step < total:
+                _save_checkpoint(out, step, accelerator, peft_model, names, optimizer, scheduler,
+                                 {"step": step, "tokens": tokens, "target_tokens": target_tokens,
+                                  "train_seconds": train_seconds, "acc": acc}, hp["save_total_limit"])
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"train: interrupted at step {step}; rerun the same command with --resume to continue "
+                  f"from the last checkpoint", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+
+    if val_ex and last_eval is None:   # a resumed run that had nothing left to do
+        last_eval = evaluate_loss(wrapped, val_ex, world, rank, hp["micro_batch_size"], pad, device, accelerator)
+    accelerator.wait_for_everyone()
+    summary = None
+    if rank == 0:
+        unwrapped = accelerator.unwrap_model(wrapped).model
+        _save_adapter(unwrapped, out)
+        log = read_jsonl(out / "train_log.jsonl")
+        plot_losses(log, out / "loss.png", title=out.name)
+        summary = {
+            "train_tokens": tokens, "target_tokens": target_tokens, "seconds": round(train_seconds, 3),
+            "tokens_per_s": round(tokens / train_seconds, 2) if train_seconds else None,
+            "final_eval_loss": last_eval, "truncated": truncated, "steps": total,
+            "epochs": round(total / steps_per_epoch, 4), "examples": len(train_ex), "val_examples": len(val_ex),
+            "final_train_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
+            "model": hp["model"], "device": str(device), "dtype": mp if mp != "no" else "fp32",
+            "world_size": world, "fast_loss": fast, "resumed_from": resumed_from,
+            "wall_seconds": round(time.time() - wall_start, 3), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "adapter": str(out), "merged": None, "data": data_desc,
+        }
+        if cfg.merge:
+            _merge_in_place(unwrapped, tok, out)
+            summary["merged"] = str(out / "merged")
+        write_json(out / "summary.json", summary)
+        print(f"train: done, {tokens} tokens in {train_seconds:.1f} s ({summary['tokens_per_s']} tokens/s), "
+              f"final eval loss {last_eval}; adapter in {out}", file=sys.stderr)
+    accelerator.wait_for_everyone()
+    return summary if summary is not None else {"rank": rank}
+
+
+def _fused_ok() -> bool:
+    import torch
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+
+
+def _fast_loss_ok(peft_model, ex: Example, chunk: int, device, dtype, pad) -> bool:
+    """Compare the fast loss (decoder + chunked head at target positions) with the model's own logits."""
+    import torch
+
+    lm = peft_model.get_base_model()
+    ids, rows, cols, tgts = collate([ex], pad if pad is not None else 0, device)
+    enabled = dtype in (torch.bfloat16, torch.float16)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+            ref = torch.nn.functional.cross_entropy(lm(input_ids=ids, use_cache=False).logits[rows, cols].float(),
+                                                    tgts, reduction="sum")
+            fast = make_loss_model(peft_model, chunk, True)(ids, rows, cols, tgts)
+    except Exception as e:  # an architecture the fast path does not fit
+        print(f"train: fast loss unavailable ({type(e).__name__}: {e}); using the model's full logits",
+              file=sys.stderr)
+        return False
+    ok = abs(float(ref) - float(fast)) <= 2e-2 * max(1.0, abs(float(ref)))
+    if not ok:
+        print(f"train: fast loss {float(fast):.4f} != model loss {float(ref):.4f}; using the model's full logits",
+              file=sys.stderr)
+    return ok
+
+
+def evaluate_loss(wrapped, examples: list[Example], world: int, rank: int, micro: int, pad: int, device,
+                  accelerator) -> float:
+    """Per-token loss over the validation examples (all processes; each runs the same number of forwards)."""
+    import torch
+
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].ids), i))
+    batches = [order[j:j + micro] for j in range(0, len(order), micro)]
+    per = math.ceil(len(batches) / world)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    wrapped.eval()
+    with torch.no_grad():
+        for k in range(per):
+            j = k * world + rank
+            members, weight = (batches[j], 1.0) if j < len(batches) else (batches[-1], 0.0)
+            loss = wrapped(*collate([examples[i] for i in members], pad, device))
+            sums[0] += float(loss) * weight
+            sums[1] += sum(examples[i].n_target for i in members) * weight
+    wrapped.train()
+    if world > 1:
+        sums = accelerator.reduce(sums, "sum")
+    return float(sums[0] / sums[1])
+
+
+# ----------------------------------------------------------------------------- checkpoints and artefacts
+def _save_checkpoint(out: Path, step: int, accelerator, peft_model, names, optimizer, scheduler, st: dict,
+                     keep: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        root = out / "checkpoints"
+        final = root / f"step-{step:07d}"
+        tmp = root / f".tmp-step-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        params = dict(peft_model.named_parameters())
+        save_file({n: params[n].detach().float().cpu().contiguous() for n in names}, str(tmp / "adapter.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
+        write_json(tmp / "state.json", st)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(out)[:-keep] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(path: Path, peft_model, names, optimizer, scheduler) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "adapter.safetensors"))
+    params = dict(peft_model.named_parameters())
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise PolyalignError(f"checkpoint {path} does not match this model (missing {missing[0]})")
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(saved[n].to(params[n].device, params[n].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text("utf-8"))
+
+
+def _save_adapter(peft_model, out: Path) -> None:
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp))
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def _merge_in_place(peft_model, tokenizer, out: Path) -> None:
+    tmp = out / ".merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out / "merged", ignore_errors=True)
+    os.replace(tmp, out / "merged")
+
+
+def _merge_saved(out: Path, hp: dict) -> None:
+    from .models import load_model
+    lm = load_model(hp["model"], "auto" if hp["dtype"] == "auto" else hp["dtype"], "cpu", adapter=str(out))
+    _merge_in_place(lm.model, lm.tokenizer, out)
+
+
+def plot_losses(log: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1.2)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per target token")
+    ax.set_title(f"polyalign train {title}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
