@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/polyalign evaluate --model gemma-3-270m --tasks amazon_polarity --langs all --output runs/demo-eval
+	$(BIN)/polyalign run --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
