@@ -384,22 +384,30 @@ def _tiny_adapter(model_path: str, folder: Path) -> None:
     peft.save_pretrained(folder)
 
 
-def test_real_evaluator_end_to_end(tmp_path, tiny_llama_path, monkeypatch):
+def test_real_commands_end_to_end(tmp_path, tiny_llama_path, monkeypatch):
+    """The real evaluator, and the real prepare and train where this installation has them."""
+    from polyalign.cli import COMMANDS
+
     raw = base_raw(model=tiny_llama_path, dtype="fp32", device="cpu",
-                   settings=[{"sources": ["zh", "de"], "task": "snli", "per_language": 2}],
+                   settings=[{"sources": ["zh", "de"], "task": "amazon_polarity", "per_language": 8,
+                              "prepare": {"val_size": 2}}],
+                   train={"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "eval_steps": 1},
                    eval={"tasks": ["snli"], "langs": ["en", "zh"], "limit": 3}, analyses={})
-    exp = validate(raw, check_data=False)
+    exp = validate(raw, check_data=True)
+    real = {"evaluate", "prepare", "train"} & set(COMMANDS)
 
     class Fake(FakeCommands):
         def __call__(self, argv):
+            if argv[0] in real:
+                self.calls.append(argv)
+                return REAL_CALL(argv)
             if argv[0] == "train":
                 self.calls.append(argv)
-                out = Path(argv[argv.index("--output") + 1])
-                _tiny_adapter(tiny_llama_path, out)
+                _tiny_adapter(tiny_llama_path, Path(argv[argv.index("--output") + 1]))
                 return None
             return super().__call__(argv)
 
-    fake = Fake(real_eval=True)
+    fake = Fake()
     run = _run(exp, tmp_path / "run", fake, monkeypatch)
     manifest = json.loads((run / "manifest.json").read_text())
     evals = [s for s in manifest["steps"] if s["kind"] == "eval"]
@@ -410,3 +418,5 @@ def test_real_evaluator_end_to_end(tmp_path, tiny_llama_path, monkeypatch):
     assert adapter_eval["model"]["adapter"]
     md = (run / "report.md").read_text()
     assert "zh/de ⇒ en" in md and "| en | zh | Avg |" in md.replace("model / setting | ", "")
+    if "train" in real:
+        assert "## Training" in md and (run / manifest["steps"][2]["dir"] / "train_log.jsonl").exists()
