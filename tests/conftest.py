@@ -55,6 +55,23 @@ def train_tokenizer(folder: Path, vocab_size: int = 1200):
     return fast
 
 
+def train_bytelevel_tokenizer(folder: Path, vocab_size: int = 1500):
+    """A GPT-2/Qwen-style byte-level BPE (Ġ marker, no BOS): the other family of vocabularies."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", model_max_length=4096)
+    fast.save_pretrained(folder)
+    return fast
+
+
 def make_model(arch: str, folder: Path, tokenizer, seed: int = 0, max_positions: int = 4096) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
@@ -89,10 +106,17 @@ def tiny_tokenizer(tmp_path_factory):
     return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
+@pytest.fixture(scope="session")
+def tiny_bytelevel_tokenizer(tmp_path_factory):
+    return train_bytelevel_tokenizer(tmp_path_factory.mktemp("bltok"))
+
+
 @pytest.fixture(scope="session", params=ARCHS)
-def tiny_model_path(request, tmp_path_factory, tiny_tokenizer) -> str:
-    """A folder holding a tiny random model of each architecture in turn."""
-    return str(make_model(request.param, tmp_path_factory.mktemp(request.param), tiny_tokenizer))
+def tiny_model_path(request, tmp_path_factory, tiny_tokenizer, tiny_bytelevel_tokenizer) -> str:
+    """A folder holding a tiny random model of each architecture in turn. Qwen2 gets a byte-level
+    BPE as the real Qwen does (transformers loads a Qwen2 folder with its own byte-level class)."""
+    tok = tiny_bytelevel_tokenizer if request.param == "qwen2" else tiny_tokenizer
+    return str(make_model(request.param, tmp_path_factory.mktemp(request.param), tok))
 
 
 @pytest.fixture(scope="session")
