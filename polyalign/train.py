@@ -476,8 +476,11 @@ def train(cfg: TrainConfig) -> dict:
     resolved = {"data": str(cfg.data), "data_hash": data_hash, **hp}
     out = Path(cfg.output)
 
+    import torch
     from accelerate import PartialState
-    cpu = hp["device"] == "cpu"
+    # Without a GPU accelerate needs cpu=True to see a torchrun / multi-CPU launch (else it runs each
+    # process alone).
+    cpu = hp["device"] == "cpu" or (hp["device"] == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
     world, rank = state.num_processes, state.process_index
     if hp["batch_size"] % world:
@@ -494,7 +497,6 @@ def train(cfg: TrainConfig) -> dict:
                   f"{summary.get('final_eval_loss')}); nothing to do", file=sys.stderr)
         return summary
 
-    import torch
     if hp["threads"]:
         torch.set_num_threads(hp["threads"])
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
