@@ -50,6 +50,7 @@ from .store import append_lines, content_hash, read_jsonl, write_atomic, write_j
 
 # Keys that may differ between a run and its resumption (they change neither the data nor the maths).
 NON_SEMANTIC = {"device", "threads", "save_steps", "save_total_limit"}
+FRACTIONAL = {"epochs", "lora_alpha"}      # whole numbers by default, fractions allowed
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -133,6 +134,8 @@ def _coerce(key: str, value, default):
         if str(value).lower() in ("false", "no", "0", "off"):
             return False
         raise PolyalignError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and key in FRACTIONAL:
+        default = float(default)
     if isinstance(default, int) and not isinstance(default, bool):
         try:
             f = float(value)
@@ -411,7 +414,7 @@ def _peak_rss_mb() -> float:
 
 # ----------------------------------------------------------------------------- run folder
 def _fingerprint(resolved: dict) -> dict:
-    return {k: v for k, v in resolved.items() if k not in NON_SEMANTIC and k not in ("output", "world_size")}
+    return {k: v for k, v in resolved.items() if k not in NON_SEMANTIC and k != "derived"}
 
 
 def _check_output(out: Path, resolved: dict, resume: bool) -> str:
@@ -497,8 +500,19 @@ def train(cfg: TrainConfig) -> dict:
                   f"{summary.get('final_eval_loss')}); nothing to do", file=sys.stderr)
         return summary
 
+    threads_before = torch.get_num_threads()
     if hp["threads"]:
         torch.set_num_threads(hp["threads"])
+    try:
+        return _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, state, cpu)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, state, cpu) -> dict:
+    import torch
+
+    world, rank = state.num_processes, state.process_index
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     from .models import load_model, resolve_dtype
 
@@ -563,8 +577,9 @@ def train(cfg: TrainConfig) -> dict:
 
     eval_every = hp["eval_steps"] or max(1, total // 10)
     save_every = hp["save_steps"] or max(1, min(50, total // 20))
-    resolved.update(world_size=world, steps=total, warmup_steps=warmup, steps_per_epoch=steps_per_epoch,
-                    fast_loss=fast)
+    derived = {"steps": total, "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch, "world_size": world,
+               "micro_batches_per_step": n_micro, "fast_loss": fast, "loss_chunk": chunk,
+               "mixed_precision": mp}
 
     # ---- state: fresh or from the last checkpoint
     step, tokens, target_tokens, train_seconds = 0, 0, 0, 0.0
@@ -579,7 +594,8 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         if mode == "fresh":
             out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+            write_atomic(out / "config.yaml", yaml.safe_dump({**resolved, "derived": derived}, sort_keys=False,
+                                                             allow_unicode=True))
             write_jsonl(out / "train_log.jsonl", [])
         else:
             log = [r for r in read_jsonl(out / "train_log.jsonl", repair=True) if r.get("step", 0) <= step]
