@@ -587,7 +587,7 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
     resumed_from = None
     ckpts = _checkpoints(out) if mode == "resume" else []
     if ckpts:
-        st = _load_checkpoint(ckpts[-1], peft_model, names, optimizer, scheduler)
+        st = _load_checkpoint(ckpts[-1], accelerator, peft_model, names, optimizer, scheduler)
         step, tokens, target_tokens = st["step"], st["tokens"], st["target_tokens"]
         train_seconds, acc = st["train_seconds"], st["acc"]
         resumed_from = step
@@ -675,10 +675,13 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
     if val_ex and last_eval is None:   # a resumed run that had nothing left to do
         last_eval = evaluate_loss(wrapped, val_ex, world, rank, hp["micro_batch_size"], pad, device, accelerator)
     accelerator.wait_for_everyone()
+    sharded = _sharded(accelerator)
+    # A full state dict (collective under FSDP / DeepSpeed; plain references otherwise).
+    full = accelerator.get_state_dict(wrapped) if sharded else None
     summary = None
     if rank == 0:
         unwrapped = accelerator.unwrap_model(wrapped).model
-        _save_adapter(unwrapped, out)
+        _save_adapter(unwrapped, out, full)
         log = read_jsonl(out / "train_log.jsonl")
         plot_losses(log, out / "loss.png", title=out.name)
         summary = {
@@ -693,7 +696,7 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
             "adapter": str(out), "merged": None, "data": data_desc,
         }
         if cfg.merge:
-            _merge_in_place(unwrapped, tok, out)
+            _merge_saved(out, hp) if sharded else _merge_in_place(unwrapped, tok, out)
             summary["merged"] = str(out / "merged")
         write_json(out / "summary.json", summary)
         print(f"train: done, {tokens} tokens in {train_seconds:.1f} s ({summary['tokens_per_s']} tokens/s), "
@@ -760,22 +763,30 @@ def _save_checkpoint(out: Path, step: int, accelerator, peft_model, names, optim
     from safetensors.torch import save_file
 
     accelerator.wait_for_everyone()
+    root = out / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
     if accelerator.is_main_process:
-        root = out / "checkpoints"
-        final = root / f"step-{step:07d}"
-        tmp = root / f".tmp-step-{step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        params = dict(peft_model.named_parameters())
-        save_file({n: params[n].detach().float().cpu().contiguous() for n in names}, str(tmp / "adapter.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    accelerator.wait_for_everyone()
+    if _sharded(accelerator):
+        # FSDP / DeepSpeed: parameters and optimizer state are sharded; accelerate saves them (all ranks).
+        accelerator.save_state(str(tmp / "accelerate"))
+    if accelerator.is_main_process:
+        if not _sharded(accelerator):
+            params = dict(peft_model.named_parameters())
+            save_file({n: params[n].detach().float().cpu().contiguous() for n in names},
+                      str(tmp / "adapter.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
         write_json(tmp / "state.json", st)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _checkpoints(out)[:-keep] if keep else []:
@@ -783,19 +794,31 @@ def _save_checkpoint(out: Path, step: int, accelerator, peft_model, names, optim
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(path: Path, peft_model, names, optimizer, scheduler) -> dict:
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _load_checkpoint(path: Path, accelerator, peft_model, names, optimizer, scheduler) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    saved = load_file(str(path / "adapter.safetensors"))
-    params = dict(peft_model.named_parameters())
-    missing = [n for n in names if n not in saved]
-    if missing:
-        raise PolyalignError(f"checkpoint {path} does not match this model (missing {missing[0]})")
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(saved[n].to(params[n].device, params[n].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    if (path / "accelerate").is_dir():
+        if not _sharded(accelerator):
+            raise PolyalignError(f"checkpoint {path} was written under FSDP/DeepSpeed; resume it the same way")
+        accelerator.load_state(str(path / "accelerate"))
+    else:
+        if _sharded(accelerator):
+            raise PolyalignError(f"checkpoint {path} was written without FSDP/DeepSpeed; resume it the same way")
+        saved = load_file(str(path / "adapter.safetensors"))
+        params = dict(peft_model.named_parameters())
+        missing = [n for n in names if n not in saved]
+        if missing:
+            raise PolyalignError(f"checkpoint {path} does not match this model (missing {missing[0]})")
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(saved[n].to(params[n].device, params[n].dtype))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
@@ -805,10 +828,16 @@ def _load_checkpoint(path: Path, peft_model, names, optimizer, scheduler) -> dic
     return json.loads((path / "state.json").read_text("utf-8"))
 
 
-def _save_adapter(peft_model, out: Path) -> None:
+def _save_adapter(peft_model, out: Path, full_state: dict | None = None) -> None:
+    """The PEFT adapter files, written beside each other in a temporary folder and moved into `out`.
+    `full_state`: the LossModel's gathered state dict (FSDP / DeepSpeed), whose keys start with "model."."""
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
+    if full_state is not None:
+        state = {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}
+        peft_model.save_pretrained(str(tmp), state_dict=state)
+    else:
+        peft_model.save_pretrained(str(tmp))
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
