@@ -230,6 +230,39 @@ def test_resume_gives_the_same_adapter(tmp_path, tiny_llama_path, data, monkeypa
     assert res["final_eval_loss"] == pytest.approx(ref["final_eval_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_adapter(tmp_path, tiny_llama_path, data):
+    """A real kill -9 in the middle of a run (whatever it was writing), then --resume."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["dtype=fp32", "max_steps=40", "batch_size=4", "micro_batch_size=2", "lr=5e-3", "save_steps=3",
+            "logging_steps=1", "eval_steps=10", "threads=1"]
+    T.train(T.TrainConfig(model=tiny_llama_path, data=data, output=str(tmp_path / "ref"), progress=False,
+                          overrides=args))
+    cmd = ["train", "--model", tiny_llama_path, "--data", data, "--output", str(tmp_path / "cut"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "polyalign", *cmd, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "cut" / "checkpoints" / "step-0000003"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (tmp_path / "cut" / "summary.json").exists():
+        pytest.skip("the run finished before the kill")
+    assert cli.main([*cmd, "--resume", *args]) == 0
+    a = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+    steps = [r["step"] for r in read_jsonl(tmp_path / "cut" / "train_log.jsonl") if "loss" in r]
+    assert steps == list(range(1, 41))                                 # no step logged twice or lost
+
+
 def _run(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     rc = cli.main(argv)
