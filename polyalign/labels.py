@@ -55,19 +55,39 @@ def byte_fallback_id(tokenizer, char: str) -> int | None:
     return None
 
 
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for (word-start marker as a space; byte-fallback and byte-level decoded)."""
+    tok = tokenizer.convert_ids_to_tokens(token_id)
+    if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+        return bytes([int(tok[3:5], 16)])
+    dec = _byte_decoder()
+    if getattr(tokenizer, "_polyalign_byte_level", None) is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer._polyalign_byte_level = sum(1 for k in vocab if k.startswith("Ġ")) > 0.01 * len(vocab)
+    if tokenizer._polyalign_byte_level and all(c in dec for c in tok):
+        return bytes(dec[c] for c in tok)
+    return tok.replace("▁", " ").encode("utf-8")
+
+
 def paper_token_set(tokenizer, word: str) -> list[int]:
     """The release's token set for `word` (sorted ids)."""
     if not word:
         return []
     dv = decoded_vocab(tokenizer)
+    wbytes = word.encode("utf-8")
     ids: set[int] = set()
     for i in range(1, len(word) + 1):
         p = word[:i]
         ids.update(dv.get(p, ()))
         ids.update(dv.get(" " + p, ()))
+        # The release's Qwen rule: the tokenizer's own first token for the prefix. Kept only when it
+        # spells a non-empty byte prefix of the word (a bare word-start marker would match every label).
         first = tokenizer(p, add_special_tokens=False)["input_ids"]
         if first:
-            ids.add(first[0])
+            b = token_bytes(tokenizer, first[0])
+            b = b[1:] if b.startswith(b" ") else b
+            if b and wbytes.startswith(b):
+                ids.add(first[0])
     fb = byte_fallback_id(tokenizer, word[0])
     if fb is not None:
         ids.add(fb)

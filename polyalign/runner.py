@@ -65,6 +65,8 @@ class PrefixRunner:
     @torch.inference_mode()
     def prefix(self, ids: list[int], hidden_states: bool = False) -> Prefix:
         key = (tuple(ids), hidden_states)
+        if not ids:  # nothing shared (e.g. zero-shot without a BOS token): no cache
+            return Prefix([], None, None)
         if key not in self._prefixes:
             if len(self._prefixes) > 8:
                 self._prefixes.clear()

@@ -94,8 +94,10 @@ def make_model(arch: str, folder: Path, tokenizer, seed: int = 0, max_positions:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform outputs; sharpen the head so that scores differ between labels.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             p.mul_(3.0)
+            if "norm" in name:  # random norm weights, so that a norm applied twice would show
+                p.add_(torch.randn_like(p) * 0.5)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
