@@ -437,9 +437,14 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
                 doc.table(t)
                 exported.append(t)
             excl = _read_csv(folder / "excluded.csv")
-            if excl:
-                doc.table(_generic_table(excl, f"{s['label']}: samples excluded for overlapping token sets",
+            dropped = [r for r in excl if (_float(r.get("n_excluded")) or 0) > 0]
+            if dropped:
+                doc.table(_generic_table(dropped, f"{s['label']}: samples excluded because their English and "
+                                         "target-language token sets overlap",
                                          f"lens_excluded_{_slug(s['model'] or '', s['setting'] or 'base')}"))
+            elif excl:
+                doc.p(f"{s['label']}: no sample was excluded for overlapping token sets "
+                      f"({sum(int(_float(r.get('n_total')) or 0) for r in excl)} samples over all models).")
             pngs = sorted(folder.glob("*.png"), key=lambda p: (0 if "overlay" in p.stem else 1, p.name))
             for png in pngs:
                 doc.img(png, f"{s['label']}: {png.stem.replace('_', ' ')}")
@@ -493,8 +498,10 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
         "Accuracy is the share of items whose highest-scoring label is the gold one; ties count as wrong "
         "unless the evaluator broke them (see results.json `ties`).",
         f"Δ is the setting's accuracy minus the base model's on the same items. Its 95% CI is a paired "
-        f"percentile bootstrap ({n_boot} resamples, items resampled within each language, every language "
-        "weighted equally as in the Avg column).",
+        f"percentile bootstrap ({n_boot} resamples; every language weighted equally, as in the Avg column). "
+        "When the test sets are parallel (the same item ids in every language), an item is resampled "
+        "together with its translations, since they are not independent; otherwise items are resampled "
+        "within each language.",
         f"McNemar: an exact two-sided binomial test on the discordant items of each language; * marks p < {alpha} "
         "after Holm correction over the languages of a setting. With ~20 languages, a few uncorrected p < 0.05 "
         "are expected by chance.",
@@ -597,13 +604,16 @@ def _results_section(doc: Doc, summary: list[str], exported: list[Table], model:
         if k is None:
             continue
         seen = settings.get(k, {}).get("seen", [])
-        paired = {}
+        paired, idlists = {}, {}
         for lang in langs:
             a, b = base.outcomes.get((mode, lang)), mine[k].outcomes.get((mode, lang))
             if a and b:
                 ids = [i for i in a if i in b]
                 if ids:
                     paired[lang] = ([a[i] for i in ids], [b[i] for i in ids])
+                    idlists[lang] = ids
+        # Parallel test sets (the same item ids in every language): resample items across languages.
+        parallel = len({tuple(v) for v in idlists.values()}) == 1
         cells, rec = [Cell(row_label[k])], {"setting": k, "label": row_label[k]}
         verdict = None
         for g in GROUPS:
@@ -612,7 +622,7 @@ def _results_section(doc: Doc, summary: list[str], exported: list[Table], model:
                 cells.append(Cell("—"))
                 continue
             d, lo, hi = paired_bootstrap_delta([paired[lang][0] for lang in gl], [paired[lang][1] for lang in gl],
-                                               n_boot=n_boot, seed=seed)
+                                               n_boot=n_boot, seed=seed, clustered=parallel)
             sig = lo > 0 or hi < 0
             cells.append(Cell(f"{_pct(d, True)} [{_pct(lo, True)}, {_pct(hi, True)}]", bold=sig))
             rec.update({f"{g}_delta": round(d, 4), f"{g}_ci_low": round(lo, 4), f"{g}_ci_high": round(hi, 4),

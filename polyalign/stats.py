@@ -17,13 +17,16 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- paired comparisons
 def paired_bootstrap_delta(base, other, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
-                           ) -> tuple[float, float, float]:
+                           clustered: bool = False) -> tuple[float, float, float]:
     """Accuracy delta (other - base) on paired 0/1 outcomes with a percentile bootstrap CI.
 
     `base` and `other` are sequences of per-item correctness for the SAME items in the same order;
     or lists of such sequences (one per language): then the statistic is the mean over groups of
-    each group's delta, and items are resampled within their group (a stratified bootstrap), so
-    every language keeps its weight as in an unweighted average over languages.
+    each group's delta, so every language keeps its weight as in an unweighted average over
+    languages. Items are resampled within their group (a stratified bootstrap); with `clustered`,
+    the groups must hold the same items in the same order (parallel test sets: item i is one
+    review in every language), and one resample of item indices is shared by all groups, so that
+    the translations of one item stay together: they are not independent observations.
     Returns (delta, ci_low, ci_high).
     """
     import numpy as np
@@ -34,6 +37,19 @@ def paired_bootstrap_delta(base, other, n_boot: int = 10000, seed: int = 0, leve
     rng = np.random.default_rng(seed)
     total = np.zeros(n_boot)
     point = 0.0
+    if clustered:
+        d = np.asarray([np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+                        for a, b in zip(groups_a, groups_b)])
+        if d.ndim != 2 or d.shape[1] == 0:
+            raise ValueError("clustered: every group needs the same, non-empty list of items")
+        per_item = d.mean(axis=0)      # the mean over groups of each item's delta
+        n, step = len(per_item), max(1, 2_000_000 // d.shape[1])
+        for start in range(0, n_boot, step):
+            stop = min(n_boot, start + step)
+            total[start:stop] = per_item[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        alpha = (1 - level) / 2
+        lo, hi = np.quantile(total, [alpha, 1 - alpha])
+        return float(per_item.mean()), float(lo), float(hi)
     for a, b in zip(groups_a, groups_b):
         a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
         if a.shape != b.shape or a.ndim != 1 or len(a) == 0:

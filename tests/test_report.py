@@ -165,8 +165,9 @@ def test_averages_and_deltas(report):
     labels = [r[0] for r in deltas]
     assert labels[:2] == ["zh/de ⇒ en", "sw ⇒ en"]
     # The delta over all languages equals the library's paired bootstrap, as printed.
+    # The fake sets are parallel (the same ids in every language): items are resampled across languages.
     d, lo, hi = paired_bootstrap_delta([data["base"][lang] for lang in LANGS], [data["zhde-en"][lang] for lang in LANGS],
-                                       n_boot=2000, seed=0)
+                                       n_boot=2000, seed=0, clustered=True)
     cell = deltas[0][1].strip("*")
     assert cell == f"+{100 * d:.1f} [+{100 * lo:.1f}, +{100 * hi:.1f}]"
     assert deltas[0][1].startswith("**")            # CI above zero
@@ -176,7 +177,8 @@ def test_averages_and_deltas(report):
     assert float(rows[0]["all_delta"]) == pytest.approx(d, abs=1e-4)
     assert int(rows[0]["seen_langs"]) == 3 and int(rows[0]["unseen_langs"]) == 17
     high = [lang for lang in LANGS if lang in languages.HIGH]
-    dh, _, _ = paired_bootstrap_delta([data["base"][x] for x in high], [data["zhde-en"][x] for x in high], n_boot=10)
+    dh, _, _ = paired_bootstrap_delta([data["base"][x] for x in high], [data["zhde-en"][x] for x in high], n_boot=10,
+                                      clustered=True)
     assert float(rows[0]["high_delta"]) == pytest.approx(dh, abs=1e-4)
 
 
@@ -356,3 +358,23 @@ def test_holm_matches_a_direct_computation():
         expected[i] = running
     assert holm(p) == pytest.approx(expected)
     assert holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.5, 0.005])
+
+
+def test_clustered_bootstrap_keeps_translations_together():
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    a = rng.random(200) < 0.5
+    b = np.where(rng.random(200) < 0.3, ~a, a)
+    groups_a, groups_b = [a] * 10, [b] * 10          # ten "languages" that behave identically
+    d, lo, hi = paired_bootstrap_delta(groups_a, groups_b, n_boot=4000, seed=3, clustered=True)
+    # A direct computation: resample item indices once for all languages.
+    per_item = (b.astype(float) - a.astype(float))
+    idx = np.random.default_rng(3).integers(0, 200, size=(4000, 200))
+    ref = np.quantile(per_item[idx].mean(axis=1), [0.025, 0.975])
+    assert d == pytest.approx(per_item.mean()) and (lo, hi) == pytest.approx(tuple(ref))
+    # Treating the ten copies as independent strata would claim a CI about sqrt(10) times narrower.
+    _, slo, shi = paired_bootstrap_delta(groups_a, groups_b, n_boot=4000, seed=3)
+    assert (hi - lo) > 2.5 * (shi - slo)
+    with pytest.raises(ValueError):
+        paired_bootstrap_delta([a, a[:10]], [b, b[:10]], clustered=True)
