@@ -714,7 +714,7 @@ def plan(exp: Experiment) -> list[Step]:
                 return a + _kv(kv)
 
             trains[(m.label, s.name)] = add(Step("train", f"train{mlabel} {s.name}", tin, [prepares[s.name]],
-                                                 60 + work * 6, m.label, s.name, s.task, None, targv))
+                                                 60 + work * 4, m.label, s.name, s.task, None, targv))
             for task in ev["tasks"]:
                 eval_step(m, task, trains[(m.label, s.name)], s.name)
 
@@ -752,7 +752,7 @@ def plan(exp: Experiment) -> list[Step]:
             mlabel = f" {m.label}" if len(exp.models) > 1 else ""
             what = ("base vs " + ", ".join(cfg["settings"])) if cfg["settings"] else "base"
             add(Step(kind, f"{kind}{mlabel} {what}", ain, chosen,
-                     40 + n * (1 + len(chosen)) * (1.5 if kind == "lens" else 1.2), m.label,
+                     40 + n * (1 + len(chosen)) * (1.2 if kind == "lens" else 0.5), m.label,
                      ",".join(cfg["settings"]) or None, cfg["task"], None, aargv))
     return steps
 
