@@ -101,7 +101,7 @@ def main():
         t = time.perf_counter()
         for g in groups:
             for i, p in enumerate(g.items):
-                naive[(g.lang, i)] = naive_scores(lm.model, lm.tokenizer, g.plan, p.prompt, "paper")
+                naive[(g.lang, i)] = naive_scores(lm.model, lm.tokenizer, g.plan, p.text, "paper")
         t_naive = time.perf_counter() - t
         rss_naive = rss.peak
 

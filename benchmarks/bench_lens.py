@@ -25,7 +25,7 @@ import torch
 
 from polyalign import languages
 from polyalign.data import load_data
-from polyalign.lens import batch_groups, get_prefix, lens_sets, prepare_prompts, run_group
+from polyalign.lens import batch_groups, lens_sets, prepare_prompts, run_group
 from polyalign.models import load_model
 from polyalign.runner import PrefixRunner, max_context, unembed, unwrap
 from polyalign.tasks import load_task
@@ -35,7 +35,7 @@ from polyalign.tasks import load_task
 def plain(model, runner, ps, sets):
     cols = [torch.tensor(c) for c in sets.columns()]
     for group in batch_groups(runner, ps.prompts):
-        prefix = get_prefix(runner, ps.prefix_ids, group[0].cached_len)
+        prefix = runner.prefix(ps.prefix_ids[:group[0].cached_len])
         suffixes = [p.suffix for p in group]
         last, _ = runner.forward(prefix, suffixes)
         pos = torch.tensor([len(s) - 1 for s in suffixes])
@@ -46,7 +46,7 @@ def plain(model, runner, ps, sets):
 @torch.inference_mode()
 def forward_only(model, runner, ps, sets):
     for group in batch_groups(runner, ps.prompts):
-        prefix = get_prefix(runner, ps.prefix_ids, group[0].cached_len)
+        prefix = runner.prefix(ps.prefix_ids[:group[0].cached_len])
         runner.forward(prefix, [p.suffix for p in group], hidden_states=True)
 
 

@@ -230,7 +230,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                         continue
                     pred, tied = decide(res["scores"])
                     rec = {"id": p.item["id"], "task": task.name, "lang": lang, "labels": mode,
-                           "prompt": p.prompt, "choices": words, "scores": res["scores"],
+                           "prompt": p.text, "choices": words, "scores": res["scores"],
                            "pred": task.classes[pred], "gold": p.item["label"],
                            "correct": task.classes[pred] == p.item["label"], "tied": tied,
                            "truncated": p.truncated}

@@ -29,7 +29,7 @@ import torch
 from . import languages
 from .errors import PolyalignError
 from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, check_mode, config_from_args,
-                   get_prefix, load_items, model_specs, prepare_prompts, prompt_texts, release_memory, write_csv,
+                   load_items, model_specs, prepare_prompts, prompt_texts, release_memory, write_csv,
                    write_npz)
 from .store import content_hash, write_json
 from .tasks import LABEL_MODES, load_task
@@ -97,7 +97,7 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     prefix_sums: dict[int, torch.Tensor] = {}
     for group in batch_groups(runner, ps.prompts):
         c = group[0].cached_len
-        prefix = get_prefix(runner, ps.prefix_ids, c, hidden_states=pooling == "mean")
+        prefix = runner.prefix(ps.prefix_ids[:c], hidden_states=pooling == "mean")
         suffixes = [p.suffix for p in group]
         _, hidden = runner.forward(prefix, suffixes, hidden_states=True)
         dev = hidden[0].device

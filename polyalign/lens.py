@@ -36,6 +36,7 @@ import torch
 from . import languages
 from .errors import PolyalignError
 from .store import write_atomic, write_json
+from .prompts import Prompt, PromptSet, batch_groups, prepare_prompts  # noqa: F401 (re-exported)
 from .tasks import LABEL_MODES, Task, load_task
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
@@ -76,89 +77,10 @@ def release_memory() -> None:
 
 
 # ============================================================================= shared: prompts
-@dataclass
-class Prompt:
-    index: int
-    item: dict
-    text: str
-    ids: list[int]
-    cached_len: int       # leading tokens served by the demos' KV cache
-    query_start: int      # first token of the test item (the demos end before it)
-    truncated: bool
-
-    @property
-    def suffix(self) -> list[int]:
-        return self.ids[self.cached_len:]
-
-
-@dataclass
-class PromptSet:
-    task: Task
-    lang: str
-    mode: str
-    prefix_text: str
-    prefix_ids: list[int]
-    prompts: list[Prompt]
-
-
+# Prompt preparation and batching live in polyalign.prompts (shared with the evaluator).
 def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[str]:
     prefix = task.demo_prefix(lang, mode)
     return [prefix + task.query(lang, it) for it in items]
-
-
-def prepare_prompts(tokenizer, task: Task, lang: str, mode: str, items: list[dict],
-                    max_length: int) -> PromptSet:
-    """Tokenize the few-shot prompts as the evaluator does (special tokens on); shorten the longest
-    field of a test item that does not fit in `max_length` (never the demos or the answer cue)."""
-    from .runner import common_prefix_len
-
-    encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"]  # noqa: E731
-    prefix_text = task.demo_prefix(lang, mode)
-    prefix_ids = encode([prefix_text])[0]
-    if len(prefix_ids) + 1 > max_length:
-        raise PolyalignError(f"{task.name}/{lang}: the few-shot demos alone take {len(prefix_ids)} tokens; "
-                             f"the context holds {max_length}")
-    texts = [prefix_text + task.query(lang, it) for it in items]
-    prompts = []
-    for i, (it, text, ids) in enumerate(zip(items, texts, encode(texts) if texts else [])):
-        truncated = len(ids) > max_length
-        if truncated:
-            it, text, ids = _fit(tokenizer, task, lang, it, prefix_text, max_length, encode)
-        q = common_prefix_len(ids, prefix_ids)
-        prompts.append(Prompt(i, it, text, ids, min(q, len(ids) - 1), q, truncated))
-    return PromptSet(task, lang, mode, prefix_text, prefix_ids, prompts)
-
-
-def _fit(tokenizer, task, lang, item, prefix_text, budget, encode):
-    item = dict(item)
-    for _ in range(50):
-        text = prefix_text + task.query(lang, item)
-        ids = encode([text])[0]
-        excess = len(ids) - budget
-        if excess <= 0:
-            return item, text, ids
-        toks = {f: tokenizer(item[f], add_special_tokens=False)["input_ids"] for f in task.fields}
-        f = max(task.fields, key=lambda k: len(toks[k]))
-        if not toks[f]:
-            break
-        item[f] = tokenizer.decode(toks[f][: max(0, len(toks[f]) - excess - 1)])
-    raise PolyalignError(f"{task.name}/{lang}: cannot fit item {item.get('id')} into {budget} tokens")
-
-
-def batch_groups(runner, prompts: list[Prompt]):
-    """Yield lists of prompts to run together: the runner's length-sorted batches, split by cache length."""
-    for batch in runner.batches([len(p.suffix) for p in prompts]):
-        by_cache: dict[int, list[Prompt]] = {}
-        for i in batch:
-            by_cache.setdefault(prompts[i].cached_len, []).append(prompts[i])
-        yield from by_cache.values()
-
-
-def get_prefix(runner, prefix_ids: list[int], cached_len: int, hidden_states: bool = False):
-    from .runner import Prefix
-    if cached_len == 0:
-        return Prefix([], None, None)
-    return runner.prefix(prefix_ids[:cached_len], hidden_states=hidden_states)
 
 
 # ============================================================================= shared: files
@@ -304,7 +226,7 @@ def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None) -> dict[st
     n, c = len(ps.prompts), len(sets.classes)
     out_sets = out_ent = None
     for group in batch_groups(runner, ps.prompts):
-        prefix = get_prefix(runner, ps.prefix_ids, group[0].cached_len)
+        prefix = runner.prefix(ps.prefix_ids[:group[0].cached_len])
         suffixes = [p.suffix for p in group]
         last_hidden, hidden = runner.forward(prefix, suffixes, hidden_states=True)
         pos = torch.tensor([len(s) - 1 for s in suffixes], device=last_hidden.device)

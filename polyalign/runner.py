@@ -104,11 +104,3 @@ class PrefixRunner:
                                      output_hidden_states=hidden_states)
         return out.last_hidden_state, (out.hidden_states if hidden_states else None)
 
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

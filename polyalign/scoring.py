@@ -16,20 +16,11 @@ import torch
 
 from .errors import PolyalignError
 from .labels import LabelPlan, label_plan
-from .runner import PrefixRunner, common_prefix_len, max_context, unembed
+from .prompts import Prompt, by_cache, prepare_prompts
+from .runner import PrefixRunner, max_context, unembed
 from .tasks import Task
 
 RULES = ("paper", "first-token", "sequence")
-
-
-@dataclass
-class Prepared:
-    index: int
-    item: dict
-    prompt: str
-    cached_len: int          # tokens of this prompt covered by the shared prefix cache
-    suffix: list[int]        # the prompt's remaining tokens
-    truncated: bool
 
 
 @dataclass
@@ -40,7 +31,7 @@ class Group:
     mode: str
     plan: LabelPlan
     prefix_ids: list[int]
-    items: list[Prepared]
+    items: list[Prompt]
 
 
 class Scorer:
@@ -52,52 +43,16 @@ class Scorer:
         self.runner = PrefixRunner(model, tokenizer, token_budget)
         self.max_length = min(max_length or 1 << 30, max_context(model, tokenizer))
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-
-    # ------------------------------------------------------------------ preparation
     def prepare(self, task: Task, lang: str, mode: str, items: list[dict]) -> Group:
         words = task.label_words(lang, mode)
         plan = label_plan(self.tokenizer, task.classes, [words[c] for c in task.classes])
-        prefix_text = task.demo_prefix(lang, mode)
-        prefix_ids = self._encode([prefix_text])[0]
+        # Room for the shared label tokens (and, for `sequence`, the longest label) after the prompt.
         extra = len(plan.common) + (max(len(c) for c in plan.cont) if self.rule == "sequence" else 0)
-        budget = self.max_length - extra
-        if len(prefix_ids) + 1 > budget:
-            raise PolyalignError(f"{task.name}/{lang}: the few-shot demos alone take {len(prefix_ids)} tokens; "
-                                 f"the context holds {self.max_length}")
-        prompts = [prefix_text + task.query(lang, it) for it in items]
-        encoded = self._encode(prompts)
-        prepared = []
-        for i, (it, prompt, ids) in enumerate(zip(items, prompts, encoded)):
-            truncated = False
-            if len(ids) > budget:
-                it, prompt, ids = self._truncate(task, lang, it, prefix_text, budget)
-                truncated = True
-            # Usually the whole prefix; one token less where the tokenizer merges across the boundary.
-            cached = min(common_prefix_len(ids, prefix_ids), len(ids) - 1)
-            prepared.append(Prepared(i, it, prompt, cached, ids[cached:], truncated))
-        return Group(task, lang, mode, plan, prefix_ids, prepared)
-
-    def _truncate(self, task: Task, lang: str, item: dict, prefix_text: str, budget: int):
-        """Shorten the longest field of the test item (never the demos or the answer cue)."""
-        item = dict(item)
-        for _ in range(50):
-            prompt = prefix_text + task.query(lang, item)
-            ids = self._encode([prompt])[0]
-            excess = len(ids) - budget
-            if excess <= 0:
-                return item, prompt, ids
-            lengths = {f: len(self.tokenizer(item[f], add_special_tokens=False)["input_ids"]) for f in task.fields}
-            f = max(task.fields, key=lambda k: lengths[k])
-            if lengths[f] == 0:
-                break
-            toks = self.tokenizer(item[f], add_special_tokens=False)["input_ids"]
-            item[f] = self.tokenizer.decode(toks[: max(0, len(toks) - excess - 1)])
-        raise PolyalignError(f"{task.name}/{lang}: cannot fit item {item.get('id')} into {budget} tokens")
+        ps = prepare_prompts(self.tokenizer, task, lang, mode, items, self.max_length - extra)
+        return Group(task, lang, mode, plan, ps.prefix_ids, ps.prompts)
 
     # ------------------------------------------------------------------ scoring
-    def rows(self, group: Group, p: Prepared) -> list[list[int]]:
+    def rows(self, group: Group, p: Prompt) -> list[list[int]]:
         """Token rows that one item needs after the cache: one, or one per class for `sequence`."""
         if self.rule == "sequence":
             return [p.suffix + c for c in group.plan.cont]
@@ -112,15 +67,13 @@ class Scorer:
     def score(self, group: Group, batch: list[int]) -> list[dict]:
         """Scores for the items at `batch` indices: [{"scores": [...], "scores_per_byte"?: [...]}]."""
         plan, out = group.plan, []
-        by_cache: dict[int, list[int]] = {}
-        for i in batch:
-            by_cache.setdefault(group.items[i].cached_len, []).append(i)
         results: dict[int, dict] = {}
-        for cached_len, idx in by_cache.items():
-            prefix = self.runner.prefix(group.prefix_ids[:cached_len])
+        for part in by_cache(group.items, batch):
+            idx = [p.index for p in part]
+            prefix = self.runner.prefix(group.prefix_ids[:part[0].cached_len])
             rows, spans = [], []
-            for i in idx:
-                r = self.rows(group, group.items[i])
+            for p in part:
+                r = self.rows(group, p)
                 spans.append((len(rows), len(r)))
                 rows.extend(r)
             hidden, _ = self.runner.forward(prefix, rows)

@@ -64,5 +64,5 @@ def test_shared_label_beginning_is_scored_after_it(tiny_llama_path):
     assert group.plan.common == plan.common
     for batch in scorer.batches(group):
         for i, res in zip(batch, scorer.score(group, batch)):
-            ref = naive_scores(lm.model, lm.tokenizer, group.plan, group.items[i].prompt, "paper")
+            ref = naive_scores(lm.model, lm.tokenizer, group.plan, group.items[i].text, "paper")
             assert res["scores"] == pytest.approx(ref, abs=1e-5)

@@ -22,6 +22,6 @@ def test_batched_cached_equals_naive(tiny_model_path, rule):
             got[i] = res["scores"]
     assert sorted(got) == list(range(len(items)))
     for i, p in enumerate(group.items):
-        ref = naive_scores(lm.model, lm.tokenizer, group.plan, p.prompt, rule)
+        ref = naive_scores(lm.model, lm.tokenizer, group.plan, p.text, rule)
         assert got[i] == pytest.approx(ref, abs=1e-4)
         assert len(set(ref)) > 1  # the check would be void if every label scored the same
