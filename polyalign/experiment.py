@@ -39,8 +39,8 @@ DEMO = "demo"
 
 # ----------------------------------------------------------------------------- the file format
 # Every key the format knows, with its default. A dict value is a section with its own keys; the
-# sections named in OPEN hold free keys that the step's own command validates (train overrides,
-# extra CLI options).
+# sections `prepare`, `train` and `options` hold free keys that the step's own command validates
+# (training overrides, extra CLI options).
 DEFAULTS: dict = {
     "name": None,                   # default: the file's stem; the run folder is runs/<name>
     "description": "",
@@ -89,11 +89,8 @@ GEOMETRY_DEFAULTS: dict = {
     "settings": None, "options": {},
 }
 MODEL_DEFAULTS: dict = {"name": None, "label": None, "dtype": None, "train": {}}
-OPEN = {"prepare", "train", "options"}
 # TrainConfig fields that are not training hyper-parameters (the runner sets them itself).
 TRAIN_META = {"data", "output", "config", "overrides", "resume", "merge", "progress"}
-SECTIONS = {"eval": DEFAULTS["eval"], "report": DEFAULTS["report"], "analyses": DEFAULTS["analyses"],
-            "lens": LENS_DEFAULTS, "geometry": GEOMETRY_DEFAULTS}
 
 
 def _nearest(key: str, valid) -> str:
@@ -862,7 +859,6 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
     (run / "experiment.yaml").write_text(yaml.safe_dump(exp.raw, sort_keys=False, allow_unicode=True), "utf-8")
     write_json(run / "manifest.json", _manifest(exp, steps, run, status))
 
-    total_w = sum(st.weight for st in steps)
     todo_w = sum(st.weight for st in steps if status[st.key]["status"] != "done")
     started = time.time()
     spent_w = 0.0
@@ -918,7 +914,6 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
     manifest = _manifest(exp, steps, run, status)
     manifest["last_run_seconds"] = round(wall, 2)
     write_json(run / "manifest.json", manifest)
-    _ = total_w
     if report:
         from .report import build_report
         t0 = time.time()
