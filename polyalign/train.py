@@ -303,22 +303,50 @@ class Example:
 
 # ----------------------------------------------------------------------------- the loss
 def _chunked_ce_forward(hidden, targets, head, softcap, chunk, want_grad):
+    """(summed cross-entropy of head(hidden) against targets, its gradient w.r.t. hidden or None).
+
+    Positions go through the head in equal chunks of at most `chunk`. For a plain bias-free linear head
+    (almost every LM) the gradient is written by hand: softmax - one-hot (times the softcap's derivative),
+    then one matmul with the head's weight; the fp32 logits buffer is reused in place. Other heads go
+    through autograd chunk by chunk."""
     import torch
     import torch.nn.functional as F
 
+    n = hidden.shape[0]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad = torch.empty_like(hidden) if want_grad else None
-    for s in range(0, hidden.shape[0], chunk):
-        h = hidden[s:s + chunk].detach()
-        with torch.enable_grad() if want_grad else torch.no_grad():
-            if want_grad:
-                h.requires_grad_(True)
-            logits = head(h).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            loss = F.cross_entropy(logits, targets[s:s + chunk], reduction="sum")
-            if want_grad:
-                grad[s:s + chunk] = torch.autograd.grad(loss, h)[0]
+    if n == 0:
+        return total, grad
+    size = -(-n // -(-n // chunk))          # equal chunks: ceil(n / number of chunks)
+    weight = getattr(head, "weight", None)
+    manual = (isinstance(head, torch.nn.Linear) and head.bias is None and weight is not None
+              and weight.dim() == 2 and weight.numel() > 0)
+    for s in range(0, n, size):
+        h, t = hidden[s:s + size].detach(), targets[s:s + size]
+        if manual:
+            with torch.no_grad():
+                z = head(h).float()
+                if softcap:
+                    th = torch.tanh(z / softcap)
+                    z = th * softcap
+                lse = torch.logsumexp(z, dim=-1)
+                loss = (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+                if want_grad:
+                    z.sub_(lse[:, None]).exp_()                       # softmax
+                    z[torch.arange(len(t), device=z.device), t] -= 1  # d loss / d logits
+                    if softcap:
+                        z.mul_(1 - th * th)
+                    grad[s:s + size] = torch.mm(z.to(weight.dtype), weight).to(grad.dtype)
+        else:
+            with torch.enable_grad() if want_grad else torch.no_grad():
+                if want_grad:
+                    h.requires_grad_(True)
+                logits = head(h).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                loss = F.cross_entropy(logits, t, reduction="sum")
+                if want_grad:
+                    grad[s:s + size] = torch.autograd.grad(loss, h)[0]
         total += loss.detach()
     return total, grad
 
@@ -490,6 +518,7 @@ def train(cfg: TrainConfig) -> dict:
         raise PolyalignError(f"batch_size {hp['batch_size']} is not divisible by {world} processes")
     # Every process decides the same way (it reads the same folder) before anything is written.
     mode = _check_output(out, resolved, cfg.resume)
+    state.wait_for_everyone()      # no process may write before all have looked
     if mode == "done":
         summary = json.loads((out / "summary.json").read_text("utf-8"))
         if cfg.merge and not (out / "merged" / "config.json").exists() and rank == 0:
@@ -559,7 +588,7 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
         peft_model.enable_input_require_grads()
     peft_model.train()
     vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
-    chunk = hp["loss_chunk"] or max(32, (1 << 25) // vocab)
+    chunk = hp["loss_chunk"] or max(32, (1 << 26) // vocab)
     fast = _fast_loss_ok(peft_model, train_ex[0], chunk, device, dtype, tok.pad_token_id)
     loss_model = make_loss_model(peft_model, chunk, fast)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
@@ -573,6 +602,13 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
     from transformers import get_scheduler
     scheduler = get_scheduler(SCHEDULERS[hp["scheduler"]], optimizer, num_warmup_steps=warmup,
                               num_training_steps=total)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None:   # DeepSpeed cannot infer the micro-batch size without a DataLoader
+        conf = ds.deepspeed_config
+        if conf.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            conf["train_micro_batch_size_per_gpu"] = hp["micro_batch_size"]
+        if conf.get("train_batch_size", "auto") == "auto":
+            conf["train_batch_size"] = hp["micro_batch_size"] * n_micro * world
     wrapped, optimizer = accelerator.prepare(loss_model, optimizer)
 
     eval_every = hp["eval_steps"] or max(1, total // 10)
@@ -582,14 +618,14 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
                "mixed_precision": mp}
 
     # ---- state: fresh or from the last checkpoint
-    step, tokens, target_tokens, train_seconds = 0, 0, 0, 0.0
+    step, tokens, target_tokens, train_seconds, cpu_seconds = 0, 0, 0, 0.0, 0.0
     acc = {"loss": 0.0, "targets": 0, "steps": 0}
     resumed_from = None
     ckpts = _checkpoints(out) if mode == "resume" else []
     if ckpts:
         st = _load_checkpoint(ckpts[-1], accelerator, peft_model, names, optimizer, scheduler)
         step, tokens, target_tokens = st["step"], st["tokens"], st["target_tokens"]
-        train_seconds, acc = st["train_seconds"], st["acc"]
+        train_seconds, acc, cpu_seconds = st["train_seconds"], st["acc"], st.get("cpu_seconds", 0.0)
         resumed_from = step
     if rank == 0:
         if mode == "fresh":
@@ -620,7 +656,7 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
                 perm, perm_epoch = torch.randperm(len(train_ex), generator=g).tolist(), epoch
             idx = perm[within * hp["batch_size"]:(within + 1) * hp["batch_size"]]
             step_targets = sum(train_ex[i].n_target for i in idx)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             lr_now = scheduler.get_last_lr()[0]
             mine = torch.zeros(2, dtype=torch.float64, device=device)
             grad_norm = None
@@ -639,6 +675,7 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
             scheduler.step()
             step += 1
             train_seconds += time.perf_counter() - t0
+            cpu_seconds += time.process_time() - c0
             tokens += sum(len(train_ex[i].ids) for i in idx)
             target_tokens += step_targets
             step_loss = float(accelerator.reduce(mine, "sum")[0]) if world > 1 else float(mine[0])
@@ -663,7 +700,8 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
             if step % save_every == 0 and step < total:
                 _save_checkpoint(out, step, accelerator, peft_model, names, optimizer, scheduler,
                                  {"step": step, "tokens": tokens, "target_tokens": target_tokens,
-                                  "train_seconds": train_seconds, "acc": acc}, hp["save_total_limit"])
+                                  "train_seconds": train_seconds, "cpu_seconds": cpu_seconds, "acc": acc},
+                                 hp["save_total_limit"])
     except KeyboardInterrupt:
         if rank == 0:
             print(f"train: interrupted at step {step}; rerun the same command with --resume to continue "
@@ -687,6 +725,7 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
         summary = {
             "train_tokens": tokens, "target_tokens": target_tokens, "seconds": round(train_seconds, 3),
             "tokens_per_s": round(tokens / train_seconds, 2) if train_seconds else None,
+            "cpu_seconds": round(cpu_seconds, 3),   # this process's CPU time in the training steps (all threads)
             "final_eval_loss": last_eval, "truncated": truncated, "steps": total,
             "epochs": round(total / steps_per_epoch, 4), "examples": len(train_ex), "val_examples": len(val_ex),
             "final_train_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),

@@ -144,6 +144,28 @@ def test_fast_loss_equals_the_models_own_loss(tiny_model_path, tiny_tokenizer):
             assert float((g_fast[n] - p.grad).abs().max()) < 1e-3 * scale, n
 
 
+def test_chunked_ce_paths_agree():
+    """The hand-written softmax gradient (linear heads) == autograd (any other head) == a plain CE."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    h, t = torch.randn(10, 16), torch.randint(0, 50, (10,))
+    lin = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    other = torch.nn.Sequential(lin)                       # not a Linear: the autograd path
+    for cap in (None, 5.0):
+        hh = h.clone().requires_grad_(True)
+        z = lin(hh)
+        z = torch.tanh(z / cap) * cap if cap else z
+        ref = F.cross_entropy(z, t, reduction="sum")
+        (g_ref,) = torch.autograd.grad(ref, hh)
+        for head, chunk in ((lin, 3), (other, 4), (lin, 100)):
+            loss, g = T._chunked_ce_forward(h, t, head, cap, chunk, True)
+            assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+            assert torch.allclose(g, g_ref, atol=1e-5)
+            assert float(T._chunked_ce_forward(h, t, head, cap, chunk, False)[0]) == pytest.approx(float(ref), rel=1e-5)
+
+
 def test_plan_step_deals_every_example_once():
     exs = [T.Example(list(range(n)), 1) for n in (5, 9, 3, 12, 7, 7, 2, 10, 4, 6, 8)]
     idx = list(range(11))
