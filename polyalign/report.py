@@ -147,7 +147,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:13px;font-variant-numeric:
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
 th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
 tr:nth-child(even) td{background:#fafafa}
-caption{caption-side:bottom;text-align:left;font-size:12px;color:#555;padding-top:4px;white-space:normal}
+.caption{font-size:12px;color:#555;margin:-.6em 0 1.2em 0;max-width:60em}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:12px;color:#555} code{background:#f3f3f3;padding:0 3px}
 .scroll{overflow-x:auto}
@@ -167,10 +167,10 @@ def render_html(doc: Doc, title: str) -> str:
         elif b[0] == "table":
             t: Table = b[1]
             rows = "".join("<tr>" + "".join(f"<td>{_cell_html(c)}</td>" for c in row) + "</tr>" for row in t.rows)
-            cap = f"<caption>{_inline_html(t.caption)}</caption>" if t.caption else ""
+            cap = f"<p class=\"caption\">{_inline_html(t.caption)}</p>" if t.caption else ""
             head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
-            out.append(f"<div class=\"scroll\"><table>{cap}<thead><tr>{head}</tr></thead>"
-                       f"<tbody>{rows}</tbody></table></div>")
+            out.append(f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead>"
+                       f"<tbody>{rows}</tbody></table></div>{cap}")
         elif b[0] == "img":
             data = base64.b64encode(Path(b[1]).read_bytes()).decode("ascii")
             out.append(f"<figure><img alt=\"{html.escape(b[2])}\" src=\"data:image/png;base64,{data}\">"
@@ -680,9 +680,11 @@ def _results_section(doc: Doc, summary: list[str], exported: list[Table], model:
                     f"[{_pct(lo, True)}, {_pct(hi, True)}]), {what}. Per language, McNemar finds "
                     f"{gains} significant gain{'s' if gains != 1 else ''} and {losses} significant "
                     f"loss{'es' if losses != 1 else ''} among {len(present)} (Holm-corrected, α = {alpha}).")
-            if "seen" in rec and "unseen_delta" in rec:
-                line += (f" Seen languages: {_pct(rec['seen_delta'], True)}; unseen: "
-                         f"{_pct(rec['unseen_delta'], True)} points.")
+            if "seen_delta" in rec and "unseen_delta" in rec:
+                line += (f" On its {rec['seen_langs']} seen languages: {_pct(rec['seen_delta'], True)} "
+                         f"[{_pct(rec['seen_ci_low'], True)}, {_pct(rec['seen_ci_high'], True)}]; on the "
+                         f"{rec['unseen_langs']} unseen ones: {_pct(rec['unseen_delta'], True)} "
+                         f"[{_pct(rec['unseen_ci_low'], True)}, {_pct(rec['unseen_ci_high'], True)}] points.")
             summary.append(line)
     t3 = Table(["setting", "Δ All", "Δ Seen", "Δ Unseen", "Δ High", "Δ Low"], d_rows,
                "Accuracy change against the base model in points, with a paired bootstrap 95% CI; bold where the "

@@ -187,6 +187,7 @@ def test_summary_is_honest(report):
     md = (root / "report.md").read_text("utf-8")
     summary = md.split("## Summary")[1].split("\n## ")[0]
     assert "**zh/de ⇒ en**" in summary and "a gain: the 95% CI lies above zero" in summary
+    assert "On its 3 seen languages: +" in summary and "on the 17 unseen ones: +" in summary
     line_same = next(line for line in summary.splitlines() if "**sw ⇒ en**" in line)
     assert "no clear change" in line_same and "0 significant gains and 0 significant losses" in line_same
 
