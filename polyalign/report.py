@@ -243,7 +243,7 @@ def _pct(x: float | None, sign: bool = False) -> str:
         return "—"
     v = 100 * x
     if sign:
-        return ("+" if v >= 0.05 else ("−" if v <= -0.05 else "±")) + f"{abs(v):.1f}"
+        return ("+" if v >= 0.05 else ("−" if v <= -0.05 else "")) + f"{abs(v):.1f}"
     return f"{v:.1f}"
 
 

@@ -171,7 +171,7 @@ def test_averages_and_deltas(report):
     cell = deltas[0][1].strip("*")
     assert cell == f"+{100 * d:.1f} [+{100 * lo:.1f}, +{100 * hi:.1f}]"
     assert deltas[0][1].startswith("**")            # CI above zero
-    assert deltas[1][1].startswith("±0.0 [±0.0, ±0.0]")
+    assert deltas[1][1].startswith("0.0 [0.0, 0.0]")
     # CSV exports match.
     rows = list(csv.DictReader((root / "report" / "deltas_amazon_polarity_english.csv").open()))
     assert float(rows[0]["all_delta"]) == pytest.approx(d, abs=1e-4)
