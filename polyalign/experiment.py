@@ -1015,12 +1015,20 @@ def check_model(name: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PolyalignError(f"model folder not found: {name}")
+    import logging
+
+    from transformers import AutoConfig
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)   # no retry chatter: the error below is the one line
     try:
-        from transformers import AutoConfig
         AutoConfig.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PolyalignError(f"cannot load model {name!r}: {first[:200]}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- CLI
