@@ -17,15 +17,7 @@ from polyalign.tasks import load_task
 SNLI = load_task("snli")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two busy-waiting OpenMP threads
-    when the machine is shared; the thread count is restored afterwards."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _items(lang: str, n: int, prefix: str = "q") -> list[dict]:

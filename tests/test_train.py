@@ -22,15 +22,7 @@ INSTR = "\nTranslate the input from German to English:\n"
 FAST = ["threads=1"]     # tiny models run fastest on one thread (and the test machine may be shared)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two busy-waiting OpenMP threads
-    when the machine is shared; the thread count is restored afterwards."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n: int, offset: int = 0) -> list[dict]:
