@@ -60,6 +60,8 @@ class PrefixRunner:
         self.device = next(model.parameters()).device
         # Rows x padded length per forward: large enough for efficient matmuls, small enough for memory.
         self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 2048)
+        # A forward's fixed cost in tokens' worth: on a CPU ~1 ms a token vs ~50 ms a call.
+        self.forward_cost = 64 if self.device.type == "cpu" else 512
         self._prefixes: dict[tuple, Prefix] = {}
 
     @torch.inference_mode()
@@ -78,17 +80,29 @@ class PrefixRunner:
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices sorted by length (longest first), cut into batches under the token budget.
-        Deterministic in `lengths`, so a resumed run recomputes exactly the same batches."""
+
+        The cuts minimise the padded tokens computed plus a fixed cost per forward pass
+        (`forward_cost` tokens' worth: per-call overheads and the answer-position head). Greedy
+        filling up to the budget wastes ~30% on padding when lengths spread widely; the optimal
+        cut of the sorted list (a small dynamic programme) wastes a few percent. Deterministic in
+        `lengths`, so a resumed run recomputes exactly the same batches."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        out, cur = [], []
-        for i in order:
-            if cur and (len(cur) + 1) * lengths[cur[0]] > self.token_budget:
-                out.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            out.append(cur)
-        return out
+        n = len(order)
+        best = [0.0] + [float("inf")] * n   # best[j]: cheapest cut of order[:j]
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j - 1, -1, -1):           # batch = order[i:j]; its longest is order[i]
+                width = max(lengths[order[i]], 1)
+                if (j - i) * width > self.token_budget and i < j - 1:
+                    break
+                cost = best[i] + self.forward_cost + (j - i) * width
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        out, j = [], n
+        while j > 0:
+            out.append(order[cut[j]:j])
+            j = cut[j]
+        return out[::-1]
 
     @torch.inference_mode()
     def forward(self, prefix: Prefix, suffixes: list[list[int]], hidden_states: bool = False):
