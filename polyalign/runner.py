@@ -1,17 +1,33 @@
 """Batched forward passes that reuse the key/value cache of a shared prompt prefix.
 
 Every prompt of one (task, language, label mode) starts with the same few-shot demos. Their
-cache is computed once; items then run only their own tokens, right-padded (so that causal
-attention keeps padding invisible to real tokens), sorted by length and batched by a token
-budget. Callers receive the decoder's hidden states and pick the positions they need, so the
-vocabulary is projected only where logits are used.
+cache is computed once; items then run only their own tokens, sorted by length and batched by
+a token budget. Callers receive the decoder's hidden states and pick the positions they need,
+so the vocabulary is projected only where logits are used.
+
+Two ways to run a batch, with the same results:
+- packed (the model families in PACKED_MODEL_TYPES): the items' tokens are concatenated into
+  one row, so every matmul, norm and MLP sees real tokens only, and the batch-1 prefix cache is
+  neither copied nor repeated. Only attention re-pads: `packed_attention` (a transformers
+  AttentionInterface function) lays each item's queries out against [prefix keys; its own keys]
+  with an explicit causal / sliding-window mask, and folds the query heads that share a
+  key/value head into one (exact for grouped-query attention, and fewer, larger attention blocks).
+- padded (any other model): right-padded rows (causal attention keeps padding invisible to real
+  tokens) after a copy of the prefix cache repeated per row.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+PACKED_ATTENTION = "polyalign_packed"
+# Families whose attention modules pass their arguments through transformers' AttentionInterface
+# with plain scaled-dot-product semantics (no logit softcapping); tested: llama, qwen2, gemma3.
+PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"}
 
 
 def unwrap(model):
@@ -54,6 +70,71 @@ class Prefix:
     hidden: tuple | None = None      # per-layer hidden states of the prefix, if asked for
 
 
+@dataclass
+class PackedLayout:
+    """Where each item's tokens sit in the packed row, and the prefix cache they all attend to."""
+    batch: int
+    width: int                  # the longest item: attention pads to it
+    prefix_len: int
+    slots: torch.Tensor         # packed token t -> row * width + position in a padded [batch, width] layout
+    cache: object               # the prefix's past_key_values (batch 1), or None
+    _masks: dict = field(default_factory=dict)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, heads, tokens, dim] packed -> [batch, width, heads, dim] (zeros at padding)."""
+        _, h, _, d = x.shape
+        out = x.new_zeros(self.batch * self.width, h, d)
+        return out.index_copy_(0, self.slots, x[0].transpose(0, 1)).view(self.batch, self.width, h, d)
+
+    def mask(self, n_prefix: int, rep: int, window: int | None, device) -> torch.Tensor:
+        """[1, 1, width*rep, n_prefix+width]: query row i*rep+r (position P+i) may see a key at
+        position kp iff kp <= P+i and, in a sliding-window layer, P+i - kp < window. The cached
+        prefix keys are its last n_prefix positions (sliding layers keep only the window)."""
+        key = (n_prefix, rep, window)
+        if key not in self._masks:
+            P = self.prefix_len
+            q = P + torch.arange(self.width * rep, device=device) // rep
+            k = torch.cat([torch.arange(P - n_prefix, P, device=device), P + torch.arange(self.width, device=device)])
+            ok = k[None, :] <= q[:, None]
+            if window is not None:
+                ok &= (q[:, None] - k[None, :]) < window
+            self._masks[key] = ok[None, None]
+        return self._masks[key]
+
+
+def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                     sliding_window=None, softcap=None, polyalign_layout: PackedLayout | None = None, **kwargs):
+    """Attention of packed items (query [1, H, T, D], own key/value [1, Hkv, T, D]) over the shared
+    prefix cache plus each item's own earlier tokens; returns ([1, T, H, D], None)."""
+    lay = polyalign_layout
+    if lay is None or softcap is not None:
+        raise RuntimeError("packed_attention needs a PackedLayout and no logit softcapping")
+    B, W = lay.batch, lay.width
+    H, D, Hkv = query.shape[1], query.shape[3], key.shape[1]
+    rep = H // Hkv
+    q = lay.pad(query).view(B, W, Hkv, rep, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, W * rep, D)
+    k, v = lay.pad(key).transpose(1, 2), lay.pad(value).transpose(1, 2)
+    n_prefix = 0
+    if lay.cache is not None:
+        layer = lay.cache.layers[module.layer_idx]
+        n_prefix = layer.keys.shape[-2]
+        k = torch.cat([layer.keys.expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([layer.values.expand(B, -1, -1, -1), v], dim=2)
+    mask = lay.mask(n_prefix, rep, sliding_window, query.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    out = out.view(B, Hkv, W, rep, D).permute(0, 2, 1, 3, 4).reshape(B * W, H, D)
+    return out.index_select(0, lay.slots)[None], None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def packable(model) -> bool:
+    cfg = decoder_of(model).config
+    return (cfg.model_type in PACKED_MODEL_TYPES and not getattr(cfg, "attn_logit_softcapping", None)
+            and cfg._attn_implementation in ("sdpa", "eager"))
+
+
 class PrefixRunner:
     def __init__(self, model, tokenizer, token_budget: int | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -63,6 +144,8 @@ class PrefixRunner:
         # A forward's fixed cost in tokens' worth: on a CPU ~1 ms a token vs ~50 ms a call.
         self.forward_cost = 64 if self.device.type == "cpu" else 512
         self._prefixes: dict[tuple, Prefix] = {}
+        self.packed = packable(model)
+        self.pad_weight = 0.25 if self.packed else 1.0   # packed: padding costs attention only (~1/4 of a token)
 
     @torch.inference_mode()
     def prefix(self, ids: list[int], hidden_states: bool = False) -> Prefix:
@@ -81,13 +164,17 @@ class PrefixRunner:
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices sorted by length (longest first), cut into batches under the token budget.
 
-        The cuts minimise the padded tokens computed plus a fixed cost per forward pass
-        (`forward_cost` tokens' worth: per-call overheads and the answer-position head). Greedy
-        filling up to the budget wastes ~30% on padding when lengths spread widely; the optimal
+        The cuts minimise the work in tokens' worth: a fixed cost per forward pass (`forward_cost`:
+        per-call overheads and the answer-position head), the real tokens, and `pad_weight` per
+        padding token (1 when padded rows run through the whole model; in the packed path only
+        attention pads). Greedy filling up to the budget wasted ~30% on padding here; the optimal
         cut of the sorted list (a small dynamic programme) wastes a few percent. Deterministic in
         `lengths`, so a resumed run recomputes exactly the same batches."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         n = len(order)
+        real = [0]                                  # real[j]: tokens in order[:j]
+        for i in order:
+            real.append(real[-1] + lengths[i])
         best = [0.0] + [float("inf")] * n   # best[j]: cheapest cut of order[:j]
         cut = [0] * (n + 1)
         for j in range(1, n + 1):
@@ -95,7 +182,8 @@ class PrefixRunner:
                 width = max(lengths[order[i]], 1)
                 if (j - i) * width > self.token_budget and i < j - 1:
                     break
-                cost = best[i] + self.forward_cost + (j - i) * width
+                padding = (j - i) * width - (real[j] - real[i])
+                cost = best[i] + self.forward_cost + real[j] - real[i] + self.pad_weight * padding
                 if cost < best[j]:
                     best[j], cut[j] = cost, i
         out, j = [], n
@@ -106,7 +194,10 @@ class PrefixRunner:
 
     @torch.inference_mode()
     def forward(self, prefix: Prefix, suffixes: list[list[int]], hidden_states: bool = False):
-        """Run right-padded `suffixes` after `prefix`; returns (last_hidden [B,Q,H], all hidden or None)."""
+        """Run `suffixes` after `prefix`; returns (last_hidden [B,Q,H], all hidden or None), right-padded
+        to the longest suffix (padding positions hold zeros or junk: callers read real positions only)."""
+        if self.packed:
+            return self._forward_packed(prefix, suffixes, hidden_states)
         width = max(len(s) for s in suffixes)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=self.device)
@@ -118,3 +209,24 @@ class PrefixRunner:
                                      output_hidden_states=hidden_states)
         return out.last_hidden_state, (out.hidden_states if hidden_states else None)
 
+
+    def _forward_packed(self, prefix: Prefix, suffixes: list[list[int]], hidden_states: bool):
+        lengths = [len(s) for s in suffixes]
+        B, width, P, dev = len(suffixes), max(lengths), len(prefix.ids), self.device
+        ids = torch.tensor([[t for s in suffixes for t in s]], device=dev)
+        positions = torch.tensor([[P + i for n in lengths for i in range(n)]], device=dev)
+        slots = torch.tensor([b * width + i for b, n in enumerate(lengths) for i in range(n)], device=dev)
+        layout = PackedLayout(B, width, P, slots, prefix.cache if prefix.ids else None)
+        dec = decoder_of(self.model)
+        before = dec.config._attn_implementation
+        dec.config._attn_implementation = PACKED_ATTENTION   # for this call only: the model stays as loaded
+        try:
+            out = dec(input_ids=ids, position_ids=positions, use_cache=False,
+                      output_hidden_states=hidden_states, polyalign_layout=layout)
+        finally:
+            dec.config._attn_implementation = before
+
+        def unpack(h):  # [1, T, H] -> [B, width, H]
+            return h.new_zeros(B * width, h.shape[-1]).index_copy_(0, slots, h[0]).view(B, width, -1)
+        hidden = tuple(unpack(h) for h in out.hidden_states) if hidden_states else None
+        return unpack(out.last_hidden_state), hidden

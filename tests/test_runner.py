@@ -5,19 +5,25 @@ import random
 import pytest
 
 from polyalign.runner import PrefixRunner
+from testdevice import DEVICE
 
 
-def planner(budget, forward_cost):
+def planner(budget, forward_cost, pad_weight=1.0):
     r = PrefixRunner.__new__(PrefixRunner)       # the planner needs no model
-    r.token_budget, r.forward_cost = budget, forward_cost
+    r.token_budget, r.forward_cost, r.pad_weight = budget, forward_cost, pad_weight
     return r
 
 
-def cost(batches, lengths, forward_cost):
-    return sum(forward_cost + len(b) * max(lengths[i] for i in b) for b in batches)
+def cost(batches, lengths, forward_cost, pad_weight=1.0):
+    """Per batch: a fixed cost, its real tokens, and pad_weight per padding token."""
+    total = 0
+    for b in batches:
+        real, padded = sum(lengths[i] for i in b), len(b) * max(lengths[i] for i in b)
+        total += forward_cost + real + pad_weight * (padded - real)
+    return total
 
 
-def brute_force(lengths, budget, forward_cost):
+def brute_force(lengths, budget, forward_cost, pad_weight):
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     best = float("inf")
     for cuts in itertools.product([0, 1], repeat=len(order) - 1):
@@ -29,21 +35,21 @@ def brute_force(lengths, budget, forward_cost):
             cur.append(i)
         batches.append(cur)
         if all(len(b) == 1 or len(b) * lengths[b[0]] <= budget for b in batches):
-            best = min(best, cost(batches, lengths, forward_cost))
+            best = min(best, cost(batches, lengths, forward_cost, pad_weight))
     return best
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(10))
 def test_batches_are_the_cheapest_valid_cut(seed):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 11))]
-    budget, fc = rng.choice([40, 100, 400]), rng.choice([0, 8, 64])
-    batches = planner(budget, fc).batches(lengths)
+    budget, fc, pw = rng.choice([40, 100, 400]), rng.choice([0, 8, 64]), rng.choice([1.0, 0.25])
+    batches = planner(budget, fc, pw).batches(lengths)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))                      # every item once
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)    # longest first
     assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget for b in batches)
-    assert cost(batches, lengths, fc) == brute_force(lengths, budget, fc)
+    assert cost(batches, lengths, fc, pw) == pytest.approx(brute_force(lengths, budget, fc, pw))
 
 
 def test_batches_less_padding_than_filling_to_the_budget():
@@ -52,3 +58,32 @@ def test_batches_less_padding_than_filling_to_the_budget():
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     greedy = 6 * 300 + 6 * 90            # fill each batch up to 2048 tokens, longest first
     assert padded - sum(lengths) < (greedy - sum(lengths)) / 3
+
+
+def test_packed_forward_equals_padded_forward(tiny_model_path):
+    """The packed path (one concatenated row, re-padded only inside attention) gives the hidden states
+    of the padded path at every real position, every layer; also with no prefix and with a prefix
+    longer than Gemma3's sliding window (the tiny config's is 32 tokens)."""
+    import torch
+    from polyalign.models import load_model
+
+    lm = load_model(tiny_model_path, dtype="fp32", device=DEVICE)
+    runner = PrefixRunner(lm.model, lm.tokenizer)
+    assert runner.packed                              # llama, qwen2 and gemma3 all take the packed path
+    tok = lm.tokenizer
+    prefix_ids = tok("Review: a long few-shot prefix " * 6, add_special_tokens=True)["input_ids"]
+    assert len(prefix_ids) > 40
+    suffixes = [tok(t, add_special_tokens=False)["input_ids"] for t in
+                ["Great kettle, boils fast and looks nice on the counter.", "Meh.", "Broke after two days, sadly."]]
+    for ids in (prefix_ids, []):
+        prefix = runner.prefix(ids, hidden_states=True)
+        runner.packed = True
+        last_p, hid_p = runner.forward(prefix, suffixes, hidden_states=True)
+        runner.packed = False
+        last_r, hid_r = runner.forward(prefix, suffixes, hidden_states=True)
+        assert len(hid_p) == len(hid_r)
+        for b, s in enumerate(suffixes):
+            n = len(s)
+            torch.testing.assert_close(last_p[b, :n], last_r[b, :n], atol=1e-5, rtol=1e-5)
+            for hp, hr in zip(hid_p, hid_r):
+                torch.testing.assert_close(hp[b, :n], hr[b, :n], atol=1e-5, rtol=1e-5)
