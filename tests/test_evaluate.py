@@ -10,13 +10,14 @@ from toydata import CLASSES, REVIEWS, expected_prompt, toy
 
 from polyalign import cli, evaluate as evaluate_mod
 from polyalign.scoring import Scorer
+from testdevice import DEVICE
 
 ROW_KEYS = {"task", "lang", "labels", "scoring", "n", "acc", "ci_low", "ci_high", "ties", "truncated"}
 SAMPLE_KEYS = {"id", "task", "lang", "prompt", "choices", "scores", "pred", "gold", "correct"}
 
 
 def run(*argv) -> int:
-    return cli.main(["evaluate", "--dtype", "fp32", "--device", "cpu", "--no-progress", *map(str, argv)])
+    return cli.main(["evaluate", "--dtype", "fp32", "--device", DEVICE, "--no-progress", *map(str, argv)])
 
 
 def lines(path: Path) -> list[dict]:
@@ -96,7 +97,7 @@ def test_end_to_end_outputs(tmp_path, tiny_llama_path, capsys):
     from polyalign.models import load_model
     from polyalign.scoring import naive_scores
 
-    lm = load_model(tiny_llama_path, dtype="fp32", device="cpu")
+    lm = load_model(tiny_llama_path, dtype="fp32", device=DEVICE)
     plan = label_plan(lm.tokenizer, CLASSES, ["positiv", "negativ"])
     for s in lines(out / "samples/toy_polarity/native/de.jsonl"):
         assert s["scores"] == pytest.approx(naive_scores(lm.model, lm.tokenizer, plan, s["prompt"], "paper"),

@@ -18,6 +18,7 @@ from polyalign.lens import prepare_prompts
 from polyalign.models import load_model
 from polyalign.runner import PrefixRunner
 from polyalign.tasks import load_task
+from testdevice import DEVICE
 
 TASK_YAML = """
 name: tinygeo
@@ -156,7 +157,7 @@ def test_geometry_base_vs_adapter_and_cache(tiny_llama_path, geo_task, tmp_path,
     peft_model.save_pretrained(adapter)
     out = tmp_path / "geo"
     args = ["geometry", "--model", tiny_llama_path, "--compare-adapter", str(adapter), "--task", task_path,
-            "--langs", "en,zh,sw", "--data", data, "--output", str(out), "--dtype", "fp32", "--device", "cpu",
+            "--langs", "en,zh,sw", "--data", data, "--output", str(out), "--dtype", "fp32", "--device", DEVICE,
             "--no-progress"]
     assert cli.main(args) == 0
     for name in ("pearson.csv", "alignment.csv", "alignment_delta.csv", "alignment.png", "summary.json",

@@ -6,6 +6,7 @@ from polyalign.labels import label_plan, paper_token_set, token_bytes
 from polyalign.models import load_model
 from polyalign.scoring import Scorer, naive_scores
 from polyalign.tasks import load_task
+from testdevice import DEVICE
 
 WORDS = ["positive", "negative", "积极", "消极", "เชิงบวก", "เชิงลบ", "ox", "Widerspruch"]
 
@@ -52,7 +53,7 @@ def test_no_bare_word_start_marker(tiny_tokenizer):
 def test_shared_label_beginning_is_scored_after_it(tiny_llama_path):
     """Thai เชิงบวก / เชิงลบ: the shared tokens are appended and classes differ at the next position;
     the batched scores still equal a naive forward on prompt + shared tokens."""
-    lm = load_model(tiny_llama_path, dtype="fp32", device="cpu")
+    lm = load_model(tiny_llama_path, dtype="fp32", device=DEVICE)
     plan = label_plan(lm.tokenizer, ["positive", "negative"], ["เชิงบวก", "เชิงลบ"])
     if not plan.common:
         pytest.skip("the tiny tokenizer splits the Thai labels differently at the first token")

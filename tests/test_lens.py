@@ -19,6 +19,7 @@ from polyalign.lens import LensConfig, answer_states, lens_sets, prepare_prompts
 from polyalign.models import load_model
 from polyalign.runner import PrefixRunner, unembed
 from polyalign.tasks import load_task
+from testdevice import DEVICE
 
 TASK_YAML = """
 name: tinypolar
@@ -147,7 +148,7 @@ def test_lens_equals_brute_force(lens_model_path, tiny_task, tmp_path, capsys):
     out = tmp_path / "lens"
     langs = ["zh", "ms"]   # ms: one class readable, one overlapping (kept here, so both are compared)
     cfg = LensConfig(model=lens_model_path, task=task_path, langs=",".join(langs), labels="native",
-                     output=str(out), data=data, limit=4, dtype="fp32", device="cpu", batch_tokens=64,
+                     output=str(out), data=data, limit=4, dtype="fp32", device=DEVICE, batch_tokens=64,
                      keep_overlapping=True, progress=False)
     summary = run_lens(cfg)
     samples = np.load(out / "samples.npz")
@@ -216,7 +217,7 @@ def test_overlap_exclusion_counted(tiny_llama_path, tiny_task, tmp_path, capsys)
     tok.save_pretrained(model_dir)
     out = tmp_path / "lens"
     code = cli.main(["lens", "--model", str(model_dir), "--task", task_path, "--langs", ",".join(LANGS),
-                     "--data", data, "--output", str(out), "--dtype", "fp32", "--device", "cpu", "--no-progress"])
+                     "--data", data, "--output", str(out), "--dtype", "fp32", "--device", DEVICE, "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     rows = {(r["lang"], r["class"]): (int(r["n_excluded"]), int(r["n_total"])) for r in read_csv(out / "excluded.csv")}
@@ -256,7 +257,7 @@ def test_compare_adapter_overlay(tiny_llama_path, tiny_task, tmp_path):
     peft_model.save_pretrained(adapter)
     out = tmp_path / "lens"
     summary = run_lens(LensConfig(model=tiny_llama_path, compare_adapter=[str(adapter)], task=task_path,
-                                  langs="zh,ms", output=str(out), data=data, dtype="fp32", device="cpu",
+                                  langs="zh,ms", output=str(out), data=data, dtype="fp32", device=DEVICE,
                                   keep_overlapping=True, progress=False))
     assert [m["label"] for m in summary["models"]] == ["base", "qa-zh"]
     rows = read_csv(out / "lens.csv")

@@ -4,11 +4,12 @@ import pytest
 from polyalign.models import load_model
 from polyalign.scoring import RULES, Scorer, naive_scores
 from polyalign.tasks import load_task
+from testdevice import DEVICE
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_batched_cached_equals_naive(tiny_model_path, rule):
-    lm = load_model(tiny_model_path, dtype="fp32", device="cpu")
+    lm = load_model(tiny_model_path, dtype="fp32", device=DEVICE)
     task = load_task("amazon_polarity")
     items = [{"id": str(i), "review": text, "label": "positive"} for i, text in enumerate([
         "Great kettle, boils fast.", "Broke after two days. Do not buy!",
