@@ -513,6 +513,12 @@ def train(cfg: TrainConfig) -> dict:
     # process alone).
     cpu = hp["device"] == "cpu" or (hp["device"] == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
+    if state.num_processes == 1 and cpu != (state.device.type == "cpu"):
+        # One process that made its state for the other device earlier (tests, `polyalign run`):
+        # the state is a process-wide singleton, so start it again for this run's device.
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        state = PartialState(cpu=cpu)
     world, rank = state.num_processes, state.process_index
     if hp["batch_size"] % world:
         raise PolyalignError(f"batch_size {hp['batch_size']} is not divisible by {world} processes")

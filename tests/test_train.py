@@ -253,7 +253,7 @@ def test_sigkilled_run_resumes_to_the_same_adapter(tmp_path, tiny_llama_path, da
     from safetensors.torch import load_file
 
     args = ["dtype=fp32", "max_steps=40", "batch_size=4", "micro_batch_size=2", "lr=5e-3", "save_steps=3",
-            "logging_steps=1", "eval_steps=10", "threads=1"]
+            "logging_steps=1", "eval_steps=10", "threads=1", "device=cpu"]   # bitwise resume: one device
     T.train(T.TrainConfig(model=tiny_llama_path, data=data, output=str(tmp_path / "ref"), progress=False,
                           overrides=args))
     cmd = ["train", "--model", tiny_llama_path, "--data", data, "--output", str(tmp_path / "cut"), "--no-progress"]
