@@ -17,8 +17,10 @@ Two ways to run a batch, with the same results:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,49 @@ def packable(model) -> bool:
             and cfg._attn_implementation in ("sdpa", "eager"))
 
 
+class PrepackedLinears:
+    """oneDNN-prepacked copies of the decoder's bf16 linear weights for forwards on a CPU: what
+    torch.compile's weight freezing does, without the compile (here ~4% faster end to end, and
+    bitwise the same outputs: checked once at start, else not used). The copies cost their size
+    again in memory, so only decoders up to `max_bytes` get them."""
+
+    def __init__(self, model, max_bytes: int = 4 << 30):
+        self.packed: dict = {}
+        lins = [m for m in decoder_of(model).modules() if isinstance(m, torch.nn.Linear)
+                and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+        if not lins or sum(m.weight.numel() * 2 for m in lins) > max_bytes:
+            return
+        try:
+            with torch.no_grad():
+                self.packed = {m: self._pack(m) for m in lins}
+                m = lins[0]
+                x = torch.randn(5, m.in_features, dtype=torch.bfloat16)
+                if not torch.equal(self._linear(self.packed[m], m, x), F.linear(x, m.weight, m.bias)):
+                    self.packed = {}
+        except (RuntimeError, AttributeError):      # no oneDNN in this torch build
+            self.packed = {}
+
+    @staticmethod
+    def _pack(m):
+        return torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 512), m.weight._version
+
+    @staticmethod
+    def _linear(packed, m, x, *args, **kwargs):
+        return torch.ops.mkldnn._linear_pointwise(x, packed[0], m.bias, "none", [], "")
+
+    @contextlib.contextmanager
+    def active(self):
+        for m in self.packed:
+            if self.packed[m][1] != m.weight._version:     # the weights were changed in place: pack again
+                self.packed[m] = self._pack(m)
+            m.forward = partial(self._linear, self.packed[m], m)
+        try:
+            yield
+        finally:
+            for m in self.packed:
+                m.__dict__.pop("forward", None)
+
+
 class PrefixRunner:
     def __init__(self, model, tokenizer, token_budget: int | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -146,6 +191,7 @@ class PrefixRunner:
         self._prefixes: dict[tuple, Prefix] = {}
         self.packed = packable(model)
         self.pad_weight = 0.25 if self.packed else 1.0   # packed: padding costs attention only (~1/4 of a token)
+        self.linears = PrepackedLinears(model)
 
     @torch.inference_mode()
     def prefix(self, ids: list[int], hidden_states: bool = False) -> Prefix:
@@ -155,8 +201,9 @@ class PrefixRunner:
         if key not in self._prefixes:
             if len(self._prefixes) > 8:
                 self._prefixes.clear()
-            out = decoder_of(self.model)(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
-                                         output_hidden_states=hidden_states)
+            with self.linears.active():
+                out = decoder_of(self.model)(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                                             output_hidden_states=hidden_states)
             self._prefixes[key] = Prefix(list(ids), out.past_key_values,
                                          out.hidden_states if hidden_states else None)
         return self._prefixes[key]
@@ -196,8 +243,12 @@ class PrefixRunner:
     def forward(self, prefix: Prefix, suffixes: list[list[int]], hidden_states: bool = False):
         """Run `suffixes` after `prefix`; returns (last_hidden [B,Q,H], all hidden or None), right-padded
         to the longest suffix (padding positions hold zeros or junk: callers read real positions only)."""
-        if self.packed:
-            return self._forward_packed(prefix, suffixes, hidden_states)
+        with self.linears.active():
+            if self.packed:
+                return self._forward_packed(prefix, suffixes, hidden_states)
+            return self._forward_padded(prefix, suffixes, hidden_states)
+
+    def _forward_padded(self, prefix: Prefix, suffixes: list[list[int]], hidden_states: bool):
         width = max(len(s) for s in suffixes)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=self.device)
@@ -208,7 +259,6 @@ class PrefixRunner:
         out = decoder_of(self.model)(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
                                      output_hidden_states=hidden_states)
         return out.last_hidden_state, (out.hidden_states if hidden_states else None)
-
 
     def _forward_packed(self, prefix: Prefix, suffixes: list[list[int]], hidden_states: bool):
         lengths = [len(s) for s in suffixes]

@@ -87,3 +87,30 @@ def test_packed_forward_equals_padded_forward(tiny_model_path):
             torch.testing.assert_close(last_p[b, :n], last_r[b, :n], atol=1e-5, rtol=1e-5)
             for hp, hr in zip(hid_p, hid_r):
                 torch.testing.assert_close(hp[b, :n], hr[b, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_linears_give_the_same_bits(tiny_llama_path):
+    """bf16 on a CPU: forwards through oneDNN-prepacked weights equal plain F.linear bit for bit,
+    follow in-place weight changes, and leave the modules as they were."""
+    import torch
+    from polyalign.models import load_model
+
+    lm = load_model(tiny_llama_path, dtype="bf16", device="cpu")
+    runner = PrefixRunner(lm.model, lm.tokenizer)
+    if not runner.linears.packed:
+        pytest.skip("this torch build has no oneDNN linear packing")
+    prefix = runner.prefix(lm.tokenizer("Review: fine.\nAnswer: \"", add_special_tokens=True)["input_ids"])
+    suffixes = [[5, 6, 7, 8], [9, 10]]
+    packed, _ = runner.forward(prefix, suffixes)
+    saved, runner.linears.packed = runner.linears.packed, {}
+    plain, _ = runner.forward(prefix, suffixes)
+    assert torch.equal(packed, plain)
+    runner.linears.packed, before = saved, plain
+    lin = next(iter(saved))
+    with torch.no_grad():
+        lin.weight.mul_(2)                                  # changed in place after packing
+    packed, _ = runner.forward(prefix, suffixes)
+    runner.linears.packed = {}
+    plain, _ = runner.forward(prefix, suffixes)
+    assert torch.equal(packed, plain) and not torch.equal(packed, before)
+    assert all("forward" not in m.__dict__ for m in saved)
