@@ -104,6 +104,15 @@ class PackedLayout:
         return self._masks[key]
 
 
+def _attention_backends(device):
+    """On CUDA, keep SDPA off cuDNN: it builds a plan per new shape, and every batch here has its
+    own (H100, 2000 Amazon items of a Gemma-3-270M-shaped model: 16.2 s with cuDNN, 4.2 s without)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      sliding_window=None, softcap=None, polyalign_layout: PackedLayout | None = None, **kwargs):
     """Attention of packed items (query [1, H, T, D], own key/value [1, Hkv, T, D]) over the shared
@@ -123,7 +132,8 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
         k = torch.cat([layer.keys.expand(B, -1, -1, -1), k], dim=2)
         v = torch.cat([layer.values.expand(B, -1, -1, -1), v], dim=2)
     mask = lay.mask(n_prefix, rep, sliding_window, query.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    with _attention_backends(query.device):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     out = out.view(B, Hkv, W, rep, D).permute(0, 2, 1, 3, 4).reshape(B * W, H, D)
     return out.index_select(0, lay.slots)[None], None
 
