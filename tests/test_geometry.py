@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_jsonl
 from polyalign import cli, geometry
 from polyalign.errors import PolyalignError
 from polyalign.geometry import (GeometryConfig, alignment_metrics, center, collect_states, parse_layers,
@@ -19,53 +18,12 @@ from polyalign.models import load_model
 from polyalign.runner import PrefixRunner
 from polyalign.tasks import load_task
 from testdevice import DEVICE
-
-TASK_YAML = """
-name: tinygeo
-shots: 2
-fields: [review]
-classes: [positive, negative]
-labels:
-  english: {positive: positive, negative: negative}
-languages:
-  en:
-    template: "{review}\\nEmotion: \\""
-    native: {positive: positive, negative: negative}
-    demos:
-      - {label: positive, review: "I love this kettle, it boils water fast."}
-      - {label: negative, review: "The handle broke after two days."}
-  zh:
-    template: "{review}\\n情感: \\""
-    native: {positive: 积极, negative: 消极}
-    demos:
-      - {label: positive, review: "我很喜欢这个水壶，烧水很快。"}
-      - {label: negative, review: "把手两天后就坏了。"}
-  sw:
-    template: "{review}\\nHisia: \\""
-    native: {positive: chanya, negative: hasi}
-    demos:
-      - {label: positive, review: "Ninapenda birika hili, linachemsha maji haraka."}
-      - {label: negative, review: "Mpini ulivunjika baada ya siku mbili."}
-"""
-REVIEWS = {
-    "en": ["Great book, I read it twice.", "Terrible sound, returned it.", "Works as described, happy.",
-           "Stopped working after a week. Avoid!", "Lovely colours and very soft.", "Too small and it smells."],
-    "zh": ["好书，我读了两遍。", "声音很糟糕，退货了。", "和描述的一样，很满意。", "一周后就坏了。别买！",
-           "颜色很漂亮，非常柔软。", "太小了，而且有味道。"],
-    "sw": ["Kitabu kizuri, nimekisoma mara mbili.", "Sauti mbaya, nimeirudisha.", "Inafanya kazi kama ilivyoelezwa.",
-           "Iliacha kufanya kazi baada ya wiki. Epuka!", "Rangi nzuri na laini sana.", "Ndogo mno na inanuka."],
-}
-GOLD = ["positive", "negative"] * 3
+from tinytask import GOLD, REVIEWS, write_tiny_task
 
 
 @pytest.fixture(scope="session")
 def geo_task(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("geo_task")
-    (root / "tinygeo.yaml").write_text(TASK_YAML, "utf-8")
-    for lang, texts in REVIEWS.items():
-        write_jsonl(root / f"{lang}.jsonl", [{"id": str(i), "review": t, "label": g}
-                                             for i, (t, g) in enumerate(zip(texts, GOLD))])
-    return str(root / "tinygeo.yaml"), str(root / "{lang}.jsonl")
+    return write_tiny_task(tmp_path_factory.mktemp("geo_task"), "tinygeo", ["en", "zh", "sw"])
 
 
 def test_states_equal_uncached_forward(tiny_model_path, geo_task):

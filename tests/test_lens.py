@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED, requires_gemma, write_jsonl
+from conftest import SHARED, requires_gemma
 from polyalign import cli
 from polyalign.labels import paper_token_set
 from polyalign.lens import LensConfig, answer_states, lens_sets, prepare_prompts, run_lens
@@ -20,63 +20,14 @@ from polyalign.models import load_model
 from polyalign.runner import PrefixRunner, unembed
 from polyalign.tasks import load_task
 from testdevice import DEVICE
+from tinytask import GOLD, REVIEWS, write_tiny_task
 
-TASK_YAML = """
-name: tinypolar
-shots: 2
-fields: [review]
-classes: [positive, negative]
-labels:
-  english: {positive: positive, negative: negative}
-languages:
-  en:
-    template: "{review}\\nEmotion: \\""
-    native: {positive: positive, negative: negative}
-    demos:
-      - {label: positive, review: "I love this kettle, it boils water fast and looks great."}
-      - {label: negative, review: "The handle broke after two days and support never answered."}
-  zh:
-    template: "{review}\\n情感: \\""
-    native: {positive: 积极, negative: 消极}
-    demos:
-      - {label: positive, review: "我很喜欢这个水壶，烧水很快，看起来也很好。"}
-      - {label: negative, review: "把手两天后就坏了，客服从不回复。"}
-  de:
-    template: "{review}\\nEmotion: \\""
-    native: {positive: positiv, negative: negativ}
-    demos:
-      - {label: positive, review: "Ich liebe diesen Wasserkocher, er kocht schnell."}
-      - {label: negative, review: "Der Griff brach nach zwei Tagen ab."}
-  ms:
-    template: "{review}\\nEmosi: \\""
-    native: {positive: chanya, negative: negatif}
-    demos:
-      - {label: positive, review: "Saya suka cerek ini, ia mendidih dengan cepat."}
-      - {label: negative, review: "Pemegangnya patah selepas dua hari."}
-"""
-
-REVIEWS = {
-    "en": ["Great book, I read it twice.", "Terrible sound, returned it.", "Works as described, happy.",
-           "Stopped working after a week. Avoid!", "Lovely colours and very soft.", "Too small and it smells."],
-    "zh": ["好书，我读了两遍。", "声音很糟糕，退货了。", "和描述的一样，很满意。", "一周后就坏了。别买！",
-           "颜色很漂亮，非常柔软。", "太小了，而且有味道。"],
-    "de": ["Tolles Buch, zweimal gelesen.", "Schrecklicher Klang, zurückgeschickt.", "Funktioniert wie beschrieben.",
-           "Nach einer Woche kaputt. Finger weg!", "Schöne Farben und sehr weich.", "Zu klein und es riecht."],
-    "ms": ["Buku hebat, saya baca dua kali.", "Bunyi teruk, saya pulangkan.", "Berfungsi seperti diterangkan.",
-           "Rosak selepas seminggu. Elakkan!", "Warna cantik dan sangat lembut.", "Terlalu kecil dan berbau."],
-}
-GOLD = ["positive", "negative"] * 3
 LANGS = ["en", "zh", "de", "ms"]
 
 
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("lens_task")
-    (root / "tinypolar.yaml").write_text(TASK_YAML, "utf-8")
-    for lang, texts in REVIEWS.items():
-        write_jsonl(root / f"{lang}.jsonl", [{"id": str(i), "review": t, "label": g}
-                                             for i, (t, g) in enumerate(zip(texts, GOLD))])
-    return str(root / "tinypolar.yaml"), str(root / "{lang}.jsonl")
+    return write_tiny_task(tmp_path_factory.mktemp("lens_task"), "tinypolar", LANGS)
 
 
 @pytest.fixture(scope="session")
