@@ -26,3 +26,36 @@ def test_batched_cached_equals_naive(tiny_model_path, rule):
         ref = naive_scores(lm.model, lm.tokenizer, group.plan, p.text, rule)
         assert got[i] == pytest.approx(ref, abs=1e-4)
         assert len(set(ref)) > 1  # the check would be void if every label scored the same
+
+
+def test_batched_equals_naive_with_an_unmerged_adapter(tiny_llama_path):
+    """A PEFT LoRA on q/v (as `--adapter` loads it, unmerged) goes through the packed runner and
+    the prepacked bf16 weights and still equals the naive forward of the same wrapped model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    for dtype, tol in (("fp32", 1e-4), ("bf16", None)):
+        lm = load_model(tiny_llama_path, dtype=dtype, device="cpu")
+        torch.manual_seed(0)
+        model = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+        model.eval()
+        task = load_task("amazon_polarity")
+        items = [{"id": str(i), "review": t, "label": "positive"} for i, t in
+                 enumerate(["Great kettle, boils fast.", "Broke after two days.", "Fine, I guess, for the price."])]
+        scorer = Scorer(model, lm.tokenizer, "paper", token_budget=64)
+        assert scorer.runner.packed
+        group = scorer.prepare(task, "en", "english", items)
+        got = {i: r["scores"] for b in scorer.batches(group) for i, r in zip(b, scorer.score(group, b))}
+        if tol:                                   # fp32: against the naive forward of the wrapped model
+            for i, p in enumerate(group.items):
+                assert got[i] == pytest.approx(naive_scores(model, lm.tokenizer, group.plan, p.text, "paper"),
+                                               abs=tol)
+            with model.disable_adapter():         # the adapter matters, so the check above is not void
+                base = naive_scores(model, lm.tokenizer, group.plan, group.items[0].text, "paper")
+            assert base != pytest.approx(got[0], abs=1e-3)
+        else:                                     # bf16: prepacked base weights change no bit
+            assert scorer.runner.linears.packed
+            scorer.runner.linears.packed = {}
+            plain = {i: r["scores"] for b in scorer.batches(group) for i, r in zip(b, scorer.score(group, b))}
+            assert got == plain
