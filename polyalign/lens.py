@@ -11,7 +11,7 @@ sees, so it is never normalised twice (transformers already returns hidden_state
 for Llama, Qwen2, Mistral and Gemma3); layers 0..L-1 get the final norm applied here.
 
 Only the answer position is unembedded; the demos' KV cache is computed once per language
-(`runner.PrefixRunner`), and items run batched, right-padded, sorted by length.
+(`runner.PrefixRunner`), and items run batched and sorted by length.
 
 Outputs in --output: lens.csv, samples.npz, excluded.csv, lens_<lang>.png, lens_overlay.png (two
 or more models), summary.json. The helpers for models and prompts here are shared with geometry.
