@@ -29,8 +29,8 @@ import torch
 from . import languages
 from .errors import PolyalignError
 from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, check_mode, config_from_args,
-                   load_items, model_specs, prepare_prompts, prompt_texts, release_memory, write_csv,
-                   write_npz)
+                   load_items, model_fingerprint, model_specs, prepare_prompts, prompt_texts, release_memory,
+                   write_csv, write_npz)
 from .store import content_hash, write_json
 from .tasks import LABEL_MODES, load_task
 
@@ -124,29 +124,6 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
         if bar is not None:
             bar.update(len(group))
     return out
-
-
-def _file_fingerprint(path: Path) -> list:
-    return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
-
-
-def model_fingerprint(spec: ModelSpec) -> dict:
-    """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
-    fp: dict = {"model": spec.model}
-    root = Path(spec.model)
-    if root.is_dir():
-        cfg = root / "config.json"
-        fp["config"] = content_hash(cfg.read_text("utf-8")) if cfg.exists() else None
-        fp["weights"] = [_file_fingerprint(p) for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))]
-    if spec.adapter:
-        import hashlib
-        h = hashlib.sha256()
-        for p in sorted(Path(spec.adapter).iterdir()):
-            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json"):
-                h.update(p.name.encode())
-                h.update(p.read_bytes())
-        fp["adapter"] = h.hexdigest()[:16]
-    return fp
 
 
 def states_key(spec: ModelSpec, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str]) -> str:

@@ -14,7 +14,9 @@ Only the answer position is unembedded; the demos' KV cache is computed once per
 (`runner.PrefixRunner`), and items run batched and sorted by length.
 
 Outputs in --output: lens.csv, samples.npz, excluded.csv, lens_<lang>.png, lens_overlay.png (two
-or more models), summary.json. The helpers for models and prompts here are shared with geometry.
+or more models), summary.json, and parts/<model>/<lang>.npz: each (model, language) saved as soon as
+it is done under a hash of what determines it, so a killed or repeated run computes only what is
+missing (--recompute ignores them). The helpers for models and prompts here are shared with geometry.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import argparse
 import csv
 import gc
 import io
+import json
 import math
 import os
 import re
@@ -35,13 +38,14 @@ import torch
 
 from . import languages
 from .errors import PolyalignError
-from .store import write_atomic, write_json
+from .store import content_hash, write_atomic, write_json
 from .prompts import Prompt, PromptSet, batch_groups, prepare_prompts  # noqa: F401 (re-exported)
 from .tasks import LABEL_MODES, Task, load_task
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
 LN2 = math.log(2.0)
 LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to count as latent English
+PART_VERSION = 1    # bump when the per-language arrays change meaning
 
 
 # ============================================================================= shared: models
@@ -67,6 +71,29 @@ def model_specs(model: str, adapter: str | None = None, compare_adapter=None) ->
         seen.add(label)
         specs.append(ModelSpec(label, model, a))
     return specs
+
+
+def _file_fingerprint(path: Path) -> list:
+    return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
+
+
+def model_fingerprint(spec: ModelSpec) -> dict:
+    """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
+    fp: dict = {"model": spec.model}
+    root = Path(spec.model)
+    if root.is_dir():
+        cfg = root / "config.json"
+        fp["config"] = content_hash(cfg.read_text("utf-8")) if cfg.exists() else None
+        fp["weights"] = [_file_fingerprint(p) for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))]
+    if spec.adapter:
+        import hashlib
+        h = hashlib.sha256()
+        for p in sorted(Path(spec.adapter).iterdir()):
+            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json"):
+                h.update(p.name.encode())
+                h.update(p.read_bytes())
+        fp["adapter"] = h.hexdigest()[:16]
+    return fp
 
 
 def release_memory() -> None:
@@ -269,6 +296,30 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, mean - half, mean + half
 
 
+def part_key(spec: ModelSpec, cfg, task_hash: str, task: Task, lang: str, items: list[dict]) -> str:
+    from .models import resolve_device, resolve_dtype
+    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
+    return content_hash({"v": PART_VERSION, "weights": model_fingerprint(spec), "dtype": dtype,
+                         "max_length": cfg.max_length, "task": task_hash, "lang": lang, "labels": cfg.labels,
+                         "prompts": content_hash(prompt_texts(task, lang, cfg.labels, items)),
+                         "gold": [it["label"] for it in items]})
+
+
+def save_part(path: Path, key: str, arrays: dict[str, np.ndarray], tokens: dict) -> None:
+    write_npz(path, {**arrays, "_key": np.array(key), "_tokens": np.array(json.dumps(tokens, ensure_ascii=False))})
+
+
+def load_part(path: Path, key: str) -> tuple[dict, dict] | None:
+    """The arrays and token sets saved for `key`, or None (missing, stale or unreadable)."""
+    try:
+        with np.load(path) as z:
+            if str(z["_key"]) != key:
+                return None
+            return ({k: z[k] for k in z.files if not k.startswith("_")}, json.loads(str(z["_tokens"])))
+    except (OSError, ValueError, EOFError, KeyError):
+        return None
+
+
 def summarize_lang(arr: dict[str, np.ndarray], keep_overlapping: bool = False) -> dict:
     """Means and CIs over the readable samples: {measure: (mean, lo, hi)}, n."""
     keep = np.ones_like(arr["excluded"]) if keep_overlapping else ~arr["excluded"]
@@ -313,6 +364,7 @@ class LensConfig:
     max_length: int | None = None
     keep_overlapping: bool = False
     trust_file_labels: bool = False
+    recompute: bool = False
     progress: bool = True
 
 
@@ -325,6 +377,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="runs/lens")
     p.add_argument("--keep-overlapping", action="store_true",
                    help="keep samples whose English and target token sets overlap (counted either way)")
+    p.add_argument("--recompute", action="store_true",
+                   help="ignore the per-language results a previous run left in --output/parts")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -352,33 +406,49 @@ def run_lens(cfg: LensConfig) -> dict:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    total = sum(len(items[lang]) for lang in langs) * len(specs)
-    bar = tqdm(total=total, desc="lens", unit="item", disable=not cfg.progress, dynamic_ncols=True)
-    results: dict[str, dict[str, dict]] = {}     # label -> lang -> arrays
-    set_info: dict[str, dict[str, dict]] = {}
+    # Each (model, language) is kept in parts/<model>/<lang>.npz under a hash of everything that
+    # determines it: a killed or repeated run computes only what is missing.
+    task_hash = content_hash(Path(task.path).read_text("utf-8"))
+    results: dict[str, dict[str, dict]] = {s.label: {} for s in specs}     # label -> lang -> arrays
+    set_info: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
+    todo: dict[ModelSpec, list] = {}
+    for spec in specs:
+        for lang in langs:
+            key = part_key(spec, cfg, task_hash, task, lang, items[lang])
+            path = output / "parts" / spec.label / f"{lang}.npz"
+            got = None if cfg.recompute else load_part(path, key)
+            if got is not None:
+                results[spec.label][lang], set_info[spec.label][lang] = got
+            else:
+                todo.setdefault(spec, []).append((lang, key, path))
+    total = sum(len(items[lang]) for spec_todo in todo.values() for lang, _, _ in spec_todo)
+    bar = tqdm(total=total, desc="lens", unit="item", disable=not cfg.progress or not total, dynamic_ncols=True)
     model_info = []
     for spec in specs:
-        lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter)
-        runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
-        limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
-        results[spec.label], set_info[spec.label] = {}, {}
-        t0 = time.perf_counter()
-        for lang in langs:
-            bar.set_postfix_str(f"{spec.label}/{lang}")
-            sets = lens_sets(lm.tokenizer, task, lang)
-            ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-            results[spec.label][lang] = run_group(lm.model, runner, ps, sets, bar)
-            set_info[spec.label][lang] = {
-                "target_words": sets.target_words, "english_words": sets.english_words,
-                "target_tokens": [lm.tokenizer.convert_ids_to_tokens(s) for s in sets.target],
-                "english_tokens": [lm.tokenizer.convert_ids_to_tokens(s) for s in sets.english],
-                "overlap": sets.overlap}
-        n_layers = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
-        model_info.append({"label": spec.label, "model": spec.model, "adapter": spec.adapter,
-                           "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
-                           "layers": n_layers, "seconds": round(time.perf_counter() - t0, 3)})
-        del lm, runner
-        release_memory()
+        info = {"label": spec.label, "model": spec.model, "adapter": spec.adapter,
+                "cached_langs": sorted(results[spec.label])}
+        if spec in todo:
+            lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter)
+            runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
+            limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
+            t0 = time.perf_counter()
+            for lang, key, path in todo[spec]:
+                bar.set_postfix_str(f"{spec.label}/{lang}")
+                sets = lens_sets(lm.tokenizer, task, lang)
+                ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+                arrays = run_group(lm.model, runner, ps, sets, bar)
+                tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
+                          "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
+                          "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
+                          "overlap": sets.overlap}
+                save_part(path, key, arrays, tokens)
+                results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
+            info.update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+                         "seconds": round(time.perf_counter() - t0, 3)})
+            del lm, runner
+            release_memory()
+        info["layers"] = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
+        model_info.append(info)
     bar.close()
     return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 

@@ -265,3 +265,39 @@ def test_long_items_are_truncated_inside_the_item(tiny_tokenizer, tiny_task):
     assert long.truncated and not short.truncated
     assert len(long.ids) <= prefix_len + 30 and long.text.endswith('\nEmotion: "')
     assert long.text.startswith(task.demo_prefix("en", "native")) and long.cached_len == prefix_len
+
+
+def test_rerun_and_killed_run_compute_only_what_is_missing(tmp_path, tiny_llama_path, tiny_task, monkeypatch):
+    """Each (model, language) is saved when done: a repeated run loads no model, a run that lost one
+    language's part recomputes that language alone, and the outputs are byte-identical each time."""
+    from polyalign import lens as L
+
+    task_path, data = tiny_task
+    out = tmp_path / "lens"
+    cfg = dict(model=tiny_llama_path, task=task_path, langs="zh,de,ms", output=str(out), data=data,
+               dtype="fp32", device=DEVICE, keep_overlapping=True, progress=False)
+    run_lens(LensConfig(**cfg))
+    first = (out / "lens.csv").read_bytes(), (out / "samples.npz").read_bytes()
+    assert sorted(p.name for p in (out / "parts" / "base").iterdir()) == ["de.npz", "ms.npz", "zh.npz"]
+
+    done = []
+    real = L.run_group
+    monkeypatch.setattr(L, "run_group",
+                        lambda model, runner, ps, *a, **k: done.append(ps.lang) or real(model, runner, ps, *a, **k))
+    import polyalign.models as M
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("a finished run loaded the model"))
+    summary = run_lens(LensConfig(**cfg))
+    assert done == [] and summary["models"][0]["cached_langs"] == ["de", "ms", "zh"]
+    assert ((out / "lens.csv").read_bytes(), (out / "samples.npz").read_bytes()) == first
+
+    monkeypatch.setattr(M, "load_model", load_model)
+    (out / "parts" / "base" / "de.npz").unlink()          # as if killed before German was saved
+    run_lens(LensConfig(**cfg))
+    assert done == ["de"]
+    assert ((out / "lens.csv").read_bytes(), (out / "samples.npz").read_bytes()) == first
+
+    run_lens(LensConfig(**cfg, limit=2))                  # other items: a new hash, recomputed
+    assert done == ["de", "zh", "de", "ms"]
+    run_lens(LensConfig(**cfg, recompute=True))
+    assert done[4:] == ["zh", "de", "ms"]
+    assert ((out / "lens.csv").read_bytes(), (out / "samples.npz").read_bytes()) == first
