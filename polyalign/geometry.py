@@ -28,8 +28,8 @@ import torch
 
 from . import languages
 from .errors import PolyalignError
-from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, check_mode, config_from_args,
-                   load_items, model_fingerprint, model_specs, prepare_prompts, prompt_texts, release_memory,
+from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_mode,
+                   config_from_args, load_items, model_specs, prepare_prompts, prompt_texts, release_memory,
                    write_csv, write_npz)
 from .store import content_hash, write_json
 from .tasks import LABEL_MODES, load_task
@@ -127,11 +127,7 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
 
 
 def states_key(spec: ModelSpec, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str]) -> str:
-    from .models import resolve_device, resolve_dtype
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
-    return content_hash({"v": CACHE_VERSION, "weights": model_fingerprint(spec), "dtype": dtype,
-                         "max_length": cfg.max_length, "task": task_hash, "lang": lang, "labels": cfg.labels,
-                         "prompts": content_hash(texts), "pooling": cfg.pooling})
+    return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling)
 
 
 def _pool_name(pooling: str) -> str:

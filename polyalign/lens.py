@@ -296,13 +296,14 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, mean - half, mean + half
 
 
-def part_key(spec: ModelSpec, cfg, task_hash: str, task: Task, lang: str, items: list[dict]) -> str:
+def cache_key(spec: ModelSpec, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
+    """Hash of what determines one (model, language)'s results, for lens parts and geometry states:
+    the weights (and adapter), dtype, context limit, task file, language, label mode, prompts, `extra`."""
     from .models import resolve_device, resolve_dtype
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
-    return content_hash({"v": PART_VERSION, "weights": model_fingerprint(spec), "dtype": dtype,
-                         "max_length": cfg.max_length, "task": task_hash, "lang": lang, "labels": cfg.labels,
-                         "prompts": content_hash(prompt_texts(task, lang, cfg.labels, items)),
-                         "gold": [it["label"] for it in items]})
+    return content_hash({"weights": model_fingerprint(spec), "dtype": dtype, "max_length": cfg.max_length,
+                         "task": task_hash, "lang": lang, "labels": cfg.labels, "prompts": content_hash(texts),
+                         **extra})
 
 
 def save_part(path: Path, key: str, arrays: dict[str, np.ndarray], tokens: dict) -> None:
@@ -414,7 +415,8 @@ def run_lens(cfg: LensConfig) -> dict:
     todo: dict[ModelSpec, list] = {}
     for spec in specs:
         for lang in langs:
-            key = part_key(spec, cfg, task_hash, task, lang, items[lang])
+            key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
+                            v=PART_VERSION, gold=[it["label"] for it in items[lang]])
             path = output / "parts" / spec.label / f"{lang}.npz"
             got = None if cfg.recompute else load_part(path, key)
             if got is not None:
