@@ -72,6 +72,12 @@ class Prefix:
     hidden: tuple | None = None      # per-layer hidden states of the prefix, if asked for
 
 
+def scatter_rows(x: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """Packed tokens [T, ...] -> right-padded [rows, width, ...]: token t goes to flat slot slots[t]."""
+    out = x.new_zeros(rows * width, *x.shape[1:])
+    return out.index_copy_(0, slots, x).view(rows, width, *x.shape[1:])
+
+
 @dataclass
 class PackedLayout:
     """Where each item's tokens sit in the packed row, and the prefix cache they all attend to."""
@@ -84,9 +90,7 @@ class PackedLayout:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[1, heads, tokens, dim] packed -> [batch, width, heads, dim] (zeros at padding)."""
-        _, h, _, d = x.shape
-        out = x.new_zeros(self.batch * self.width, h, d)
-        return out.index_copy_(0, self.slots, x[0].transpose(0, 1)).view(self.batch, self.width, h, d)
+        return scatter_rows(x[0].transpose(0, 1), self.slots, self.batch, self.width)
 
     def mask(self, n_prefix: int, rep: int, window: int | None, device) -> torch.Tensor:
         """[1, 1, width*rep, n_prefix+width]: query row i*rep+r (position P+i) may see a key at
@@ -286,7 +290,5 @@ class PrefixRunner:
         finally:
             dec.config._attn_implementation = before
 
-        def unpack(h):  # [1, T, H] -> [B, width, H]
-            return h.new_zeros(B * width, h.shape[-1]).index_copy_(0, slots, h[0]).view(B, width, -1)
-        hidden = tuple(unpack(h) for h in out.hidden_states) if hidden_states else None
-        return unpack(out.last_hidden_state), hidden
+        hidden = tuple(scatter_rows(h[0], slots, B, width) for h in out.hidden_states) if hidden_states else None
+        return scatter_rows(out.last_hidden_state[0], slots, B, width), hidden

@@ -79,9 +79,9 @@ class Scorer:
             hidden, _ = self.runner.forward(prefix, rows)
             if self.rule == "sequence":
                 per_row = self._sequence(group, idx, rows, hidden)
+                nbytes = [len(w.encode("utf-8")) for w in plan.words]
                 for (start, n), i in zip(spans, idx):
                     ll = per_row[start:start + n]
-                    nbytes = [len(w.encode("utf-8")) for w in plan.words]
                     results[i] = {"scores": ll, "scores_per_byte": [x / b for x, b in zip(ll, nbytes)]}
             else:
                 last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
