@@ -7,6 +7,11 @@ from polyalign.tasks import load_task
 from testdevice import DEVICE
 
 
+def score_all(scorer, group) -> dict[int, list[float]]:
+    """Item index -> scores, through the scorer's own batches."""
+    return {i: r["scores"] for b in scorer.batches(group) for i, r in zip(b, scorer.score(group, b))}
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_batched_cached_equals_naive(tiny_model_path, rule):
     lm = load_model(tiny_model_path, dtype="fp32", device=DEVICE)
@@ -17,10 +22,7 @@ def test_batched_cached_equals_naive(tiny_model_path, rule):
     scorer = Scorer(lm.model, lm.tokenizer, rule, token_budget=64)  # small budget: several batches
     group = scorer.prepare(task, "en", "english", items)
     assert all(p.cached_len > 1 for p in group.items)
-    got = {}
-    for batch in scorer.batches(group):
-        for i, res in zip(batch, scorer.score(group, batch)):
-            got[i] = res["scores"]
+    got = score_all(scorer, group)
     assert sorted(got) == list(range(len(items)))
     for i, p in enumerate(group.items):
         ref = naive_scores(lm.model, lm.tokenizer, group.plan, p.text, rule)
@@ -46,7 +48,7 @@ def test_batched_equals_naive_with_an_unmerged_adapter(tiny_llama_path):
         scorer = Scorer(model, lm.tokenizer, "paper", token_budget=64)
         assert scorer.runner.packed
         group = scorer.prepare(task, "en", "english", items)
-        got = {i: r["scores"] for b in scorer.batches(group) for i, r in zip(b, scorer.score(group, b))}
+        got = score_all(scorer, group)
         if tol:                                   # fp32: against the naive forward of the wrapped model
             for i, p in enumerate(group.items):
                 assert got[i] == pytest.approx(naive_scores(model, lm.tokenizer, group.plan, p.text, "paper"),
@@ -57,5 +59,5 @@ def test_batched_equals_naive_with_an_unmerged_adapter(tiny_llama_path):
         else:                                     # bf16: prepacked base weights change no bit
             assert scorer.runner.linears.packed
             scorer.runner.linears.packed = {}
-            plain = {i: r["scores"] for b in scorer.batches(group) for i, r in zip(b, scorer.score(group, b))}
+            plain = score_all(scorer, group)
             assert got == plain
