@@ -2,10 +2,11 @@
 shared by the lens and geometry tests; each takes the languages it needs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
+
+from conftest import write_jsonl
 
 LANGUAGES = {   # template, native labels (positive, negative), demos (positive, negative)
     "en": ("{review}\nEmotion: \"", ("positive", "negative"),
@@ -45,6 +46,6 @@ def write_tiny_task(root: Path, name: str, langs) -> tuple[str, str]:
             "labels": {"english": {"positive": "positive", "negative": "negative"}}, "languages": languages}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(task, allow_unicode=True, sort_keys=False), "utf-8")
     for lang in langs:
-        rows = [{"id": str(i), "review": t, "label": g} for i, (t, g) in enumerate(zip(REVIEWS[lang], GOLD))]
-        (root / f"{lang}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+        write_jsonl(root / f"{lang}.jsonl",
+                    [{"id": str(i), "review": t, "label": g} for i, (t, g) in enumerate(zip(REVIEWS[lang], GOLD))])
     return str(root / f"{name}.yaml"), str(root / "{lang}.jsonl")
