@@ -146,7 +146,8 @@ def main():
     if naive:
         differ = [k for k in fast if decide(fast[k])[0] != decide(naive[k])[0]]
         diff = max(max(abs(a - b) for a, b in zip(fast[k], naive[k])) for k in fast)
-        agree = f"{len(fast) - len(differ)}/{len(fast)} (max |Δscore| {diff:.2e})"
+        same = sum(fast[k] == naive[k] for k in fast)
+        agree = f"{len(fast) - len(differ)}/{len(fast)} (max |Δscore| {diff:.2e}; bitwise-equal scores {same}/{len(fast)})"
         if differ and args.dtype != "fp32":
             exact = load_model(args.model, "fp32", args.device)
             by_lang = {g.lang: g for g in groups}

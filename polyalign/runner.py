@@ -68,8 +68,27 @@ def max_context(model, tokenizer) -> int:
 @dataclass
 class Prefix:
     ids: list[int]
-    cache: object                    # the model's past_key_values after the prefix
+    cache: object                    # padded path: the model's past_key_values; packed: [(keys, values)] per layer
     hidden: tuple | None = None      # per-layer hidden states of the prefix, if asked for
+
+
+# The CPU flash-attention kernel sums the tail of a key block that does not fill its fp32 vectors
+# with scalar code (another exp, another order). A prefix computed on its own would put its last
+# keys in that tail, where a full-prompt forward has them inside its vectors; running the prefix
+# with filler up to a multiple of this (≥ any CPU's fp32 vector width) keeps every prefix row as
+# the full-prompt forward computes it.
+KV_ALIGN = 16
+
+
+def last_query_block(S: int) -> int:
+    """Rows in the last query block of torch's CPU flash attention over S queries (its split
+    sizes: 32 below 192 queries, 64 below 768, else 256). Blocks of fewer than SMALL_BLOCK rows
+    are multiplied by other kernels, with other rounding, than the larger ones."""
+    split = 32 if S < 192 else 64 if S < 768 else 256
+    return S - (S - 1) // split * split
+
+
+SMALL_BLOCK = 4
 
 
 def scatter_rows(x: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -> torch.Tensor:
@@ -80,27 +99,36 @@ def scatter_rows(x: torch.Tensor, slots: torch.Tensor, rows: int, width: int) ->
 
 @dataclass
 class PackedLayout:
-    """Where each item's tokens sit in the packed row, and the prefix cache they all attend to."""
-    batch: int
-    width: int                  # the longest item: attention pads to it
+    """Where each item's tokens sit in the packed row, and the prefix keys/values they all attend to."""
+    lengths: list[int]          # tokens per item, in packed order
     prefix_len: int
     slots: torch.Tensor         # packed token t -> row * width + position in a padded [batch, width] layout
-    cache: object               # the prefix's past_key_values (batch 1), or None
+    prefix_kv: list | None      # [(keys, values) [1, Hkv, prefix_len, D]] per layer, or None
+    per_item: bool              # one attention call per item (CPU: bitwise as a batch-1 forward) or one padded call
+    record: dict | None = None  # if set, every layer's (keys, values) are kept here (to build a prefix)
     _masks: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:     # the longest item: batched attention pads to it
+        return max(self.lengths)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[1, heads, tokens, dim] packed -> [batch, width, heads, dim] (zeros at padding)."""
         return scatter_rows(x[0].transpose(0, 1), self.slots, self.batch, self.width)
 
-    def mask(self, n_prefix: int, rep: int, window: int | None, device) -> torch.Tensor:
-        """[1, 1, width*rep, n_prefix+width]: query row i*rep+r (position P+i) may see a key at
-        position kp iff kp <= P+i and, in a sliding-window layer, P+i - kp < window. The cached
-        prefix keys are its last n_prefix positions (sliding layers keep only the window)."""
-        key = (n_prefix, rep, window)
+    def mask(self, rep: int, window: int | None, device) -> torch.Tensor:
+        """[1, 1, width*rep, P+width]: query row i*rep+r (position P+i) may see a key at position
+        kp iff kp <= P+i and, in a sliding-window layer, P+i - kp < window. An item of n tokens
+        uses the leading [n*rep, P+n] block."""
+        key = (rep, window)
         if key not in self._masks:
             P = self.prefix_len
             q = P + torch.arange(self.width * rep, device=device) // rep
-            k = torch.cat([torch.arange(P - n_prefix, P, device=device), P + torch.arange(self.width, device=device)])
+            k = torch.arange(P + self.width, device=device)
             ok = k[None, :] <= q[:, None]
             if window is not None:
                 ok &= (q[:, None] - k[None, :]) < window
@@ -120,22 +148,43 @@ def _attention_backends(device):
 def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      sliding_window=None, softcap=None, polyalign_layout: PackedLayout | None = None, **kwargs):
     """Attention of packed items (query [1, H, T, D], own key/value [1, Hkv, T, D]) over the shared
-    prefix cache plus each item's own earlier tokens; returns ([1, T, H, D], None)."""
+    prefix plus each item's own earlier tokens; returns ([1, T, H, D], None)."""
     lay = polyalign_layout
     if lay is None or softcap is not None:
         raise RuntimeError("packed_attention needs a PackedLayout and no logit softcapping")
-    B, W = lay.batch, lay.width
+    if lay.record is not None:
+        lay.record[module.layer_idx] = (key, value)
+    pk, pv = lay.prefix_kv[module.layer_idx] if lay.prefix_kv is not None else (None, None)
     H, D, Hkv = query.shape[1], query.shape[3], key.shape[1]
     rep = H // Hkv
+    mask = lay.mask(rep, sliding_window, query.device)
+    if lay.per_item:
+        # Each item against exactly [prefix; its own keys], so the kernel blocks the keys and sums
+        # each row as a batch-1 forward of the whole prompt does: bitwise equal results. Rows that
+        # the batch-1 forward puts in a small last query block get a call with that block alone.
+        outs, start, P = [], 0, lay.prefix_len
+        for n in lay.lengths:
+            k, v = key[:, :, start:start + n], value[:, :, start:start + n]
+            if pk is not None:
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            tail = last_query_block(P + n)
+            cut = n - tail if tail < SMALL_BLOCK and tail < n else n
+            if cut:    # folded: rep query heads per key head as one, rows a multiple of rep >= SMALL_BLOCK
+                q = query[:, :, start:start + cut].view(1, Hkv, rep, cut, D).transpose(2, 3).reshape(1, Hkv, cut * rep, D)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :cut * rep, :P + n], scale=scaling)
+                outs.append(o.view(Hkv, cut, rep, D).transpose(0, 1).reshape(cut, H, D))
+            if cut < n:
+                o = F.scaled_dot_product_attention(query[:, :, start + cut:start + n], k, v, scale=scaling,
+                                                   attn_mask=mask[:, :, cut * rep:n * rep:rep, :P + n], enable_gqa=True)
+                outs.append(o[0].transpose(0, 1))
+            start += n
+        return torch.cat(outs)[None], None
+    B, W = lay.batch, lay.width
     q = lay.pad(query).view(B, W, Hkv, rep, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, W * rep, D)
     k, v = lay.pad(key).transpose(1, 2), lay.pad(value).transpose(1, 2)
-    n_prefix = 0
-    if lay.cache is not None:
-        layer = lay.cache.layers[module.layer_idx]
-        n_prefix = layer.keys.shape[-2]
-        k = torch.cat([layer.keys.expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([layer.values.expand(B, -1, -1, -1), v], dim=2)
-    mask = lay.mask(n_prefix, rep, sliding_window, query.device)
+    if pk is not None:
+        k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
     with _attention_backends(query.device):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     out = out.view(B, Hkv, W, rep, D).permute(0, 2, 1, 3, 4).reshape(B * W, H, D)
@@ -204,7 +253,12 @@ class PrefixRunner:
         self.forward_cost = 64 if self.device.type == "cpu" else 512
         self._prefixes: dict[tuple, Prefix] = {}
         self.packed = packable(model)
-        self.pad_weight = 0.25 if self.packed else 1.0   # packed: padding costs attention only (~1/4 of a token)
+        # On a CPU, attention runs item by item: bitwise what a batch-1 forward gives, and no padding.
+        # GPUs (whose kernels tile differently anyway) get one padded call per layer.
+        self.per_item = self.device.type == "cpu"
+        # What a padding token costs: a whole token when padded rows run through the model, ~1/4 when
+        # only batched attention pads (packed on a GPU), nothing when attention runs item by item.
+        self.pad_weight = 1.0 if not self.packed else 0.0 if self.per_item else 0.25
         self.linears = PrepackedLinears(model)
 
     @torch.inference_mode()
@@ -216,11 +270,26 @@ class PrefixRunner:
             if len(self._prefixes) > 8:
                 self._prefixes.clear()
             with self.linears.active():
-                out = decoder_of(self.model)(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
-                                             output_hidden_states=hidden_states)
-            self._prefixes[key] = Prefix(list(ids), out.past_key_values,
-                                         out.hidden_states if hidden_states else None)
+                if self.packed:
+                    self._prefixes[key] = self._prefix_packed(list(ids), hidden_states)
+                else:
+                    out = decoder_of(self.model)(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                                                 output_hidden_states=hidden_states)
+                    self._prefixes[key] = Prefix(list(ids), out.past_key_values,
+                                                 out.hidden_states if hidden_states else None)
         return self._prefixes[key]
+
+    def _prefix_packed(self, ids: list[int], hidden_states: bool) -> Prefix:
+        """The prefix's keys/values (all positions, sliding layers too), run with filler up to a
+        multiple of KV_ALIGN and cut back (see KV_ALIGN): causal, so the filler changes nothing before it."""
+        P = len(ids)
+        filled = ids + ids[-1:] * (-P % KV_ALIGN)
+        record: dict = {}
+        layout = PackedLayout([len(filled)], 0, torch.arange(len(filled), device=self.device), None,
+                              self.per_item, record)
+        _, hidden = self._run_packed(filled, layout, hidden_states)
+        kv = [(record[i][0][:, :, :P].contiguous(), record[i][1][:, :, :P].contiguous()) for i in range(len(record))]
+        return Prefix(ids, kv, tuple(h[:, :P] for h in hidden) if hidden_states else None)
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices sorted by length (longest first), cut into batches under the token budget.
@@ -276,11 +345,16 @@ class PrefixRunner:
 
     def _forward_packed(self, prefix: Prefix, suffixes: list[list[int]], hidden_states: bool):
         lengths = [len(s) for s in suffixes]
-        B, width, P, dev = len(suffixes), max(lengths), len(prefix.ids), self.device
-        ids = torch.tensor([[t for s in suffixes for t in s]], device=dev)
-        positions = torch.tensor([[P + i for n in lengths for i in range(n)]], device=dev)
-        slots = torch.tensor([b * width + i for b, n in enumerate(lengths) for i in range(n)], device=dev)
-        layout = PackedLayout(B, width, P, slots, prefix.cache if prefix.ids else None)
+        width = max(lengths)
+        slots = torch.tensor([b * width + i for b, n in enumerate(lengths) for i in range(n)], device=self.device)
+        layout = PackedLayout(lengths, len(prefix.ids), slots, prefix.cache if prefix.ids else None, self.per_item)
+        return self._run_packed([t for s in suffixes for t in s], layout, hidden_states)
+
+    def _run_packed(self, tokens: list[int], layout: PackedLayout, hidden_states: bool):
+        P, dev = layout.prefix_len, self.device
+        ids = torch.tensor([tokens], device=dev)
+        positions = torch.tensor([[P + i for n in layout.lengths for i in range(n)]], device=dev)
+        B, width, slots = layout.batch, layout.width, layout.slots
         dec = decoder_of(self.model)
         before = dec.config._attn_implementation
         dec.config._attn_implementation = PACKED_ATTENTION   # for this call only: the model stays as loaded

@@ -75,18 +75,55 @@ def test_packed_forward_equals_padded_forward(tiny_model_path):
     assert len(prefix_ids) > 40
     suffixes = [tok(t, add_special_tokens=False)["input_ids"] for t in
                 ["Great kettle, boils fast and looks nice on the counter.", "Meh.", "Broke after two days, sadly."]]
-    for ids in (prefix_ids, []):
+    def run(packed: bool, per_item: bool, ids):
+        runner.packed, runner.per_item = packed, per_item
+        runner._prefixes.clear()                      # each path builds its own kind of prefix
         prefix = runner.prefix(ids, hidden_states=True)
-        runner.packed = True
-        last_p, hid_p = runner.forward(prefix, suffixes, hidden_states=True)
-        runner.packed = False
-        last_r, hid_r = runner.forward(prefix, suffixes, hidden_states=True)
-        assert len(hid_p) == len(hid_r)
-        for b, s in enumerate(suffixes):
-            n = len(s)
-            torch.testing.assert_close(last_p[b, :n], last_r[b, :n], atol=1e-5, rtol=1e-5)
-            for hp, hr in zip(hid_p, hid_r):
-                torch.testing.assert_close(hp[b, :n], hr[b, :n], atol=1e-5, rtol=1e-5)
+        return prefix, runner.forward(prefix, suffixes, hidden_states=True)
+
+    for ids in (prefix_ids, []):
+        prefix_r, (last_r, hid_r) = run(False, False, ids)
+        for per_item in (True, False):                # attention item by item (CPU) or padded (GPU)
+            prefix_p, (last_p, hid_p) = run(True, per_item, ids)
+            assert len(hid_p) == len(hid_r)
+            for b, s in enumerate(suffixes):
+                n = len(s)
+                torch.testing.assert_close(last_p[b, :n], last_r[b, :n], atol=1e-5, rtol=1e-5)
+                for hp, hr in zip(hid_p, hid_r):
+                    torch.testing.assert_close(hp[b, :n], hr[b, :n], atol=1e-5, rtol=1e-5)
+            if ids:
+                for hp, hr in zip(prefix_p.hidden, prefix_r.hidden):
+                    torch.testing.assert_close(hp, hr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a property of the CPU attention kernel")
+def test_cpu_bf16_items_are_bitwise_a_batch1_forward(tiny_model_path):
+    """bf16 on a CPU: each packed item's hidden states are exactly those of a batch-1 forward of
+    [prefix; item], so the evaluator's numbers are the naive loop's. Lengths cover the kernel's
+    small last query blocks (1-3 rows), both smaller block sizes and Gemma3's sliding window; with
+    no prefix and with a short one (items of 16+ tokens: see KV_ALIGN)."""
+    import torch
+    from polyalign.models import load_model
+    from polyalign.runner import SMALL_BLOCK, decoder_of, last_query_block
+
+    lm = load_model(tiny_model_path, dtype="bf16", device="cpu")
+    runner = PrefixRunner(lm.model, lm.tokenizer, token_budget=4096)
+    assert runner.packed and runner.per_item
+    gen = torch.Generator().manual_seed(0)
+    vocab = lm.model.config.vocab_size
+    prefix_ids = torch.randint(5, vocab, (21,), generator=gen).tolist()
+    for ids in ([], prefix_ids):
+        lengths = [1, 3, 7, 15, 30, 33, 34, 35, 66, 97, 180, 193, 194, 195, 240, 259, 300]
+        lengths = [n - len(ids) for n in lengths if n - len(ids) >= (16 if ids else 1)]
+        assert any(last_query_block(len(ids) + n) < SMALL_BLOCK for n in lengths)
+        suffixes = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in lengths]
+        runner._prefixes.clear()
+        prefix = runner.prefix(ids)
+        last, _ = runner.forward(prefix, suffixes)
+        with torch.inference_mode():
+            for b, s in enumerate(suffixes):
+                ref = decoder_of(lm.model)(input_ids=torch.tensor([ids + s])).last_hidden_state[0, len(ids):]
+                assert torch.equal(last[b, :len(s)], ref), (len(ids), len(s))
 
 
 def test_prepacked_linears_give_the_same_bits(tiny_llama_path):
