@@ -120,11 +120,11 @@ class PackedLayout:
         """[1, heads, tokens, dim] packed -> [batch, width, heads, dim] (zeros at padding)."""
         return scatter_rows(x[0].transpose(0, 1), self.slots, self.batch, self.width)
 
-    def mask(self, rep: int, window: int | None, device) -> torch.Tensor:
+    def mask(self, rep: int, window: int | None, dtype, device) -> torch.Tensor:
         """[1, 1, width*rep, P+width]: query row i*rep+r (position P+i) may see a key at position
         kp iff kp <= P+i and, in a sliding-window layer, P+i - kp < window. An item of n tokens
         uses the leading [n*rep, P+n] block."""
-        key = (rep, window)
+        key = (rep, window, dtype)
         if key not in self._masks:
             P = self.prefix_len
             q = P + torch.arange(self.width * rep, device=device) // rep
@@ -132,7 +132,8 @@ class PackedLayout:
             ok = k[None, :] <= q[:, None]
             if window is not None:
                 ok &= (q[:, None] - k[None, :]) < window
-            self._masks[key] = ok[None, None]
+            # Additive, in the query's dtype: what SDPA would turn a boolean mask into on every call.
+            self._masks[key] = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))[None, None]
         return self._masks[key]
 
 
@@ -157,7 +158,7 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     pk, pv = lay.prefix_kv[module.layer_idx] if lay.prefix_kv is not None else (None, None)
     H, D, Hkv = query.shape[1], query.shape[3], key.shape[1]
     rep = H // Hkv
-    mask = lay.mask(rep, sliding_window, query.device)
+    mask = lay.mask(rep, sliding_window, query.dtype, query.device)
     if lay.per_item:
         # Each item against exactly [prefix; its own keys], so the kernel blocks the keys and sums
         # each row as a batch-1 forward of the whole prompt does: bitwise equal results. Rows that
@@ -248,7 +249,7 @@ class PrefixRunner:
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         # Rows x padded length per forward: large enough for efficient matmuls, small enough for memory.
-        self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 2048)
+        self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 8192)
         # A forward's fixed cost in tokens' worth: on a CPU ~1 ms a token vs ~50 ms a call.
         self.forward_cost = 64 if self.device.type == "cpu" else 512
         self._prefixes: dict[tuple, Prefix] = {}
