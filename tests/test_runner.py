@@ -100,11 +100,12 @@ def test_packed_forward_equals_padded_forward(tiny_model_path):
 def test_cpu_bf16_items_are_bitwise_a_batch1_forward(tiny_model_path):
     """bf16 on a CPU: each packed item's hidden states are exactly those of a batch-1 forward of
     [prefix; item], so the evaluator's numbers are the naive loop's. Lengths cover the kernel's
-    small last query blocks (1-3 rows), both smaller block sizes and Gemma3's sliding window; with
-    no prefix and with a short one (items of 16+ tokens: see KV_ALIGN)."""
+    small last query blocks (1-3 rows), both smaller block sizes, items long enough to keep their
+    heads apart (FOLD_BELOW) and Gemma3's sliding window; with no prefix and with a short one (items
+    of 16+ tokens: see KV_ALIGN)."""
     import torch
     from polyalign.models import load_model
-    from polyalign.runner import SMALL_BLOCK, decoder_of, last_query_block
+    from polyalign.runner import FOLD_BELOW, SMALL_BLOCK, decoder_of, last_query_block
 
     lm = load_model(tiny_model_path, dtype="bf16", device="cpu")
     runner = PrefixRunner(lm.model, lm.tokenizer, token_budget=4096)
@@ -113,9 +114,10 @@ def test_cpu_bf16_items_are_bitwise_a_batch1_forward(tiny_model_path):
     vocab = lm.model.config.vocab_size
     prefix_ids = torch.randint(5, vocab, (21,), generator=gen).tolist()
     for ids in ([], prefix_ids):
-        lengths = [1, 3, 7, 15, 30, 33, 34, 35, 66, 97, 180, 193, 194, 195, 240, 259, 300]
+        lengths = [1, 3, 7, 15, 30, 33, 34, 35, 66, 97, 180, 193, 194, 195, 240, 259, 300, 420, 453]
         lengths = [n - len(ids) for n in lengths if n - len(ids) >= (16 if ids else 1)]
         assert any(last_query_block(len(ids) + n) < SMALL_BLOCK for n in lengths)
+        assert max(lengths) * 2 >= FOLD_BELOW                 # the tiny models fold 2 heads per key head
         suffixes = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in lengths]
         runner._prefixes.clear()
         prefix = runner.prefix(ids)
