@@ -230,7 +230,7 @@ def answer_states(model, hidden_states, last_hidden: torch.Tensor, pos: torch.Te
 def lens_measures(model, states: torch.Tensor, columns: list[list[int]], chunk_rows: int | None = None):
     """states [B, K, H] -> (set probabilities [B, K, S] for the S `columns`, entropy in bits [B, K]).
     The vocabulary is projected in chunks of rows, to bound memory with 256k-token vocabularies."""
-    from .runner import unembed, unwrap
+    from .runner import head_logits, head_to_fp32, unwrap
     b, k, h = states.shape
     flat = states.reshape(b * k, h)
     idx = [torch.tensor(c, dtype=torch.long, device=states.device) for c in columns]
@@ -239,10 +239,13 @@ def lens_measures(model, states: torch.Tensor, columns: list[list[int]], chunk_r
         vocab = unwrap(model).get_output_embeddings().weight.shape[0]
         chunk_rows = max(8, (1 << 25) // vocab)
     for part in flat.split(chunk_rows):
-        logp = torch.log_softmax(unembed(model, part), dim=-1)
-        p = logp.exp()
-        sums.append(torch.stack([p[:, i].sum(-1) if len(i) else p.new_zeros(len(p)) for i in idx], -1))
-        ents.append(-p.mul_(logp).sum(-1) / LN2)     # p is not needed after this
+        # The fp32 passes run on a few rows at a time, so that they stay in the CPU's cache (the
+        # matmul wants many rows, to read the 262k-row head once per chunk): 1.6 s -> 0.5 s here.
+        for raw in head_logits(model, part).split(8):
+            logp = torch.log_softmax(head_to_fp32(model, raw), dim=-1)
+            p = logp.exp()
+            sums.append(torch.stack([p[:, i].sum(-1) if len(i) else p.new_zeros(len(p)) for i in idx], -1))
+            ents.append(-p.mul_(logp).sum(-1) / LN2)     # p is not needed after this
     return torch.cat(sums).reshape(b, k, len(columns)), torch.cat(ents).reshape(b, k)
 
 

@@ -51,8 +51,17 @@ def final_norm(model):
 
 def unembed(model, hidden: torch.Tensor) -> torch.Tensor:
     """Final-normed hidden states -> logits in fp32, as the model's own head does (incl. Gemma's softcap)."""
+    return head_to_fp32(model, head_logits(model, hidden))
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output head's raw product, in the head's dtype (see head_to_fp32)."""
     head = unwrap(model).get_output_embeddings()
-    logits = head(hidden.to(head.weight.dtype)).float()
+    return head(hidden.to(head.weight.dtype))
+
+
+def head_to_fp32(model, logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
     cap = getattr(unwrap(model).config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
