@@ -12,6 +12,9 @@ Two ways to run a batch, with the same results:
   AttentionInterface function) lays each item's queries out against [prefix keys; its own keys]
   with an explicit causal / sliding-window mask, and folds the query heads that share a
   key/value head into one (exact for grouped-query attention, and fewer, larger attention blocks).
+  On a CPU it runs item by item, laid out as a batch-1 forward of the whole prompt lays it out,
+  which makes each item's numbers bitwise those of scoring it alone (see KV_ALIGN and
+  last_query_block); on a GPU, one padded call per layer.
 - padded (any other model): right-padded rows (causal attention keeps padding invisible to real
   tokens) after a copy of the prefix cache repeated per row.
 """
@@ -163,6 +166,40 @@ def _heads_apart(q, k, v, mask, scaling):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)[0].transpose(0, 1)
 
 
+def _heads_folded(q, k, v, mask, scaling):
+    """The same with the rep query heads of each key head folded into one: larger blocks, and a
+    multiple of rep rows. mask: [1, 1, n * rep, S] (query row i*rep + r is token i, head r)."""
+    _, H, n, D = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    q = q.view(1, Hkv, rep, n, D).transpose(2, 3).reshape(1, Hkv, n * rep, D)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return o.view(Hkv, n, rep, D).transpose(0, 1).reshape(n, H, D)
+
+
+def _attention_per_item(lay, query, key, value, pk, pv, mask, scaling):
+    """Each item against exactly [prefix; its own keys], so the kernel blocks the keys and sums
+    each row as a batch-1 forward of the whole prompt does: bitwise equal results. Rows that the
+    batch-1 forward puts in a small last query block get a call with that block alone."""
+    rep = query.shape[1] // key.shape[1]
+    outs, start, P = [], 0, lay.prefix_len
+    for n in lay.lengths:
+        q = query[:, :, start:start + n]
+        k, v = key[:, :, start:start + n], value[:, :, start:start + n]
+        if pk is not None:
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        tail = last_query_block(P + n)
+        cut = n - tail if tail < SMALL_BLOCK and tail < n else n
+        if cut and (cut * rep < FOLD_BELOW or last_query_block(cut) < SMALL_BLOCK):
+            outs.append(_heads_folded(q[:, :, :cut], k, v, mask[:, :, :cut * rep, :P + n], scaling))
+        elif cut:
+            outs.append(_heads_apart(q[:, :, :cut], k, v, mask[:, :, :cut * rep:rep, :P + n], scaling))
+        if cut < n:
+            outs.append(_heads_apart(q[:, :, cut:], k, v, mask[:, :, cut * rep:n * rep:rep, :P + n], scaling))
+        start += n
+    return torch.cat(outs)[None]
+
+
 def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      sliding_window=None, softcap=None, polyalign_layout: PackedLayout | None = None, **kwargs):
     """Attention of packed items (query [1, H, T, D], own key/value [1, Hkv, T, D]) over the shared
@@ -177,28 +214,7 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     rep = H // Hkv
     mask = lay.mask(rep, sliding_window, query.dtype, query.device)
     if lay.per_item:
-        # Each item against exactly [prefix; its own keys], so the kernel blocks the keys and sums
-        # each row as a batch-1 forward of the whole prompt does: bitwise equal results. Rows that
-        # the batch-1 forward puts in a small last query block get a call with that block alone.
-        outs, start, P = [], 0, lay.prefix_len
-        for n in lay.lengths:
-            k, v = key[:, :, start:start + n], value[:, :, start:start + n]
-            if pk is not None:
-                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            tail = last_query_block(P + n)
-            cut = n - tail if tail < SMALL_BLOCK and tail < n else n
-            if cut and (cut * rep < FOLD_BELOW or last_query_block(cut) < SMALL_BLOCK):
-                # rep query heads per key head folded into one: larger blocks, and a multiple of rep rows
-                q = query[:, :, start:start + cut].view(1, Hkv, rep, cut, D).transpose(2, 3).reshape(1, Hkv, cut * rep, D)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :cut * rep, :P + n], scale=scaling)
-                outs.append(o.view(Hkv, cut, rep, D).transpose(0, 1).reshape(cut, H, D))
-            elif cut:
-                outs.append(_heads_apart(query[:, :, start:start + cut], k, v, mask[:, :, :cut * rep:rep, :P + n], scaling))
-            if cut < n:
-                outs.append(_heads_apart(query[:, :, start + cut:start + n], k, v,
-                                         mask[:, :, cut * rep:n * rep:rep, :P + n], scaling))
-            start += n
-        return torch.cat(outs)[None], None
+        return _attention_per_item(lay, query, key, value, pk, pv, mask, scaling), None
     B, W = lay.batch, lay.width
     q = lay.pad(query).view(B, W, Hkv, rep, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, W * rep, D)
     k, v = lay.pad(key).transpose(1, 2), lay.pad(value).transpose(1, 2)
