@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -244,9 +245,10 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
     return LoadedData(out, f"paper-release:{root}", issues)
 
 
-def load_data(task: Task, langs: list[str], data: str | None = None, limit: int | None = None,
+def load_data(task: Task, langs: list[str], data: str | os.PathLike | None = None, limit: int | None = None,
               trust_file_labels: bool = False) -> LoadedData:
     """Load `langs` of `task` from `data` (None = bundled) and apply `limit` in parallel."""
+    data = None if data is None else os.fspath(data)
     need = list(dict.fromkeys(["en", *langs])) if limit else list(langs)
     if data is None:
         loaded = LoadedData({lang: _bundled(task, lang) for lang in need}, "bundled")

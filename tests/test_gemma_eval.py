@@ -75,3 +75,24 @@ def test_gemma_on_paper_amazon_data(tmp_path, shared_data, gemma):
         ref = naive_scores(gemma.model, gemma.tokenizer, plan, s["prompt"], "paper")
         assert s["scores"] == pytest.approx(ref, abs=1e-4, rel=1e-3)
         assert len(set(s["scores"])) == 2
+
+
+def test_gemma_bf16_scores_are_the_naive_loops_to_the_bit(shared_data):
+    """bf16 on a CPU, the bundled amazon_polarity task on the paper's data: every item's scores
+    from the packed, prefix-cached scorer equal the naive batch-1 loop's exactly (demos under ~100
+    tokens; see docs/benchmarks.md for the longer ones)."""
+    from polyalign.data import load_data
+    from polyalign.models import load_model
+    from polyalign.scoring import Scorer, naive_scores
+    from polyalign.tasks import load_task
+    from test_scoring import score_all
+
+    lm = load_model("gemma-3-270m", dtype="bf16", device="cpu")
+    task = load_task("amazon_polarity")
+    data = load_data(task, ["en", "de"], shared_data, 12)
+    scorer = Scorer(lm.model, lm.tokenizer, "paper")
+    for lang in ("en", "de"):
+        group = scorer.prepare(task, lang, "english", data.items[lang])
+        got = score_all(scorer, group)
+        for i, p in enumerate(group.items):
+            assert got[i] == naive_scores(lm.model, lm.tokenizer, group.plan, p.text, "paper"), (lang, i)
