@@ -116,7 +116,8 @@ def main():
 
     # The peak is measured before and after the runs and the higher kept: a low reading would
     # flatter the roofline shares.
-    peak_before = matmul_peak(lm.dtype, next(lm.model.parameters()).device)
+    device = next(lm.model.parameters()).device
+    peak_before = matmul_peak(lm.dtype, device)
 
     # --- polyalign
     rss.reset()
@@ -140,7 +141,7 @@ def main():
         t_naive = time.perf_counter() - t
         rss_naive = rss.peak
 
-    peak = max(peak_before, matmul_peak(lm.dtype, next(lm.model.parameters()).device))
+    peak = max(peak_before, matmul_peak(lm.dtype, device))
     n_layer = layer_params(lm.model)
     hidden = unwrap(lm.model).config.hidden_size
     query_tokens = sum(len(p.suffix) + len(g.plan.common) for g in groups for p in g.items)

@@ -8,13 +8,13 @@ so the vocabulary is projected only where logits are used.
 Two ways to run a batch, with the same results:
 - packed (the model families in PACKED_MODEL_TYPES): the items' tokens are concatenated into
   one row, so every matmul, norm and MLP sees real tokens only, and the batch-1 prefix cache is
-  neither copied nor repeated. Only attention re-pads: `packed_attention` (a transformers
-  AttentionInterface function) lays each item's queries out against [prefix keys; its own keys]
-  with an explicit causal / sliding-window mask, and folds the query heads that share a
-  key/value head into one (exact for grouped-query attention, and fewer, larger attention blocks).
-  On a CPU it runs item by item, laid out as a batch-1 forward of the whole prompt lays it out,
-  which makes each item's numbers bitwise those of scoring it alone (see KV_ALIGN and
-  last_query_block); on a GPU, one padded call per layer.
+  neither copied nor repeated. Only attention takes the items apart: `packed_attention` (a
+  transformers AttentionInterface function) lays each item's queries out against [prefix keys;
+  its own keys] with an explicit causal / sliding-window mask, and folds the query heads that
+  share a key/value head into one (exact for grouped-query attention, and larger blocks). On a
+  CPU it runs item by item, without padding, laid out as a batch-1 forward of the whole prompt
+  lays it out, which makes each item's numbers bitwise those of scoring it alone (see KV_ALIGN
+  and last_query_block); on a GPU, one call per layer over items padded to the longest.
 - padded (any other model): right-padded rows (causal attention keeps padding invisible to real
   tokens) after a copy of the prefix cache repeated per row.
 """
@@ -332,8 +332,8 @@ class PrefixRunner:
 
         The cuts minimise the work in tokens' worth: a fixed cost per forward pass (`forward_cost`:
         per-call overheads and the answer-position head), the real tokens, and `pad_weight` per
-        padding token (1 when padded rows run through the whole model; in the packed path only
-        attention pads). Greedy filling up to the budget wasted ~30% on padding here; the optimal
+        padding token (1 when padded rows run through the whole model, less when only batched
+        attention pads, 0 when attention runs item by item). Greedy filling up to the budget wasted ~30% on padding here; the optimal
         cut of the sorted list (a small dynamic programme) wastes a few percent. Deterministic in
         `lengths`, so a resumed run recomputes exactly the same batches."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

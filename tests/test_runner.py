@@ -119,7 +119,6 @@ def test_cpu_bf16_items_are_bitwise_a_batch1_forward(tiny_model_path):
         assert any(last_query_block(len(ids) + n) < SMALL_BLOCK for n in lengths)
         assert max(lengths) * 2 >= FOLD_BELOW                 # the tiny models fold 2 heads per key head
         suffixes = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in lengths]
-        runner._prefixes.clear()
         prefix = runner.prefix(ids)
         last, _ = runner.forward(prefix, suffixes)
         with torch.inference_mode():
