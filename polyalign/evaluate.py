@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import languages
+from . import hardware, languages
 from .data import load_data
 from .errors import PolyalignError
 from .stats import wilson
@@ -189,6 +189,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if state:
         state.wait_for_everyone()
     scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
+    machine = {**hardware.describe(lm.device), **scorer.runner.fast_paths()}
 
     from tqdm.auto import tqdm
     plan = [(t, m, lang) for t in tasks for m in modes for lang in langs]
@@ -257,14 +258,15 @@ def evaluate(cfg: EvalConfig) -> dict:
                     part.unlink()
             rows.append(summarize(ordered, task.name, lang, mode, cfg.scoring))
             bar.write(f"{task.name:<16} {mode:<8} {lang:<3} acc {rows[-1]['acc']:.3f}  (n={rows[-1]['n']})")
-            _write_results(output, cfg, lm, rows, issues, overlaps, scoring_seconds, scored_items, scored_tokens)
+            _write_results(output, cfg, lm, machine, rows, issues, overlaps, scoring_seconds, scored_items,
+                           scored_tokens)
         if state:
             state.wait_for_everyone()
     bar.close()
     results = None
     if rank == 0:
-        results = _write_results(output, cfg, lm, rows, issues, overlaps, scoring_seconds, scored_items,
-                                 scored_tokens)
+        results = _write_results(output, cfg, lm, machine, rows, issues, overlaps, scoring_seconds,
+                                 scored_items, scored_tokens)
         print(format_table(rows))
         for a in results["averages"]:
             print(f"average {a['task']}/{a['labels']} over {a['langs']} ({a['n_langs']} langs): {a['acc']:.3f}")
@@ -272,7 +274,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     return results
 
 
-def _write_results(output, cfg, lm, rows, issues, overlaps, seconds, items, tokens) -> dict:
+def _write_results(output, cfg, lm, machine, rows, issues, overlaps, seconds, items, tokens) -> dict:
     results = {
         "rows": rows,
         "averages": averages(rows),
@@ -280,6 +282,7 @@ def _write_results(output, cfg, lm, rows, issues, overlaps, seconds, items, toke
                   "device": str(lm.device)},
         "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "extra")},
         "versions": versions(),
+        "machine": machine,          # CPU capability and fast paths: why two machines' digits may differ
         "git": git_hash(),
         "timing": {"model_load_s": round(lm.load_seconds, 3), "scoring_s": round(seconds, 3),
                    "items_scored": items, "items_per_s": round(items / seconds, 3) if seconds else None,

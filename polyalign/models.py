@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from . import hardware
 from .errors import PolyalignError
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # bf16 matmuls are about 2x faster than fp32 on CPUs with avx512_bf16/AMX; fp32 elsewhere.
-        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and hardware.native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise PolyalignError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    if dtype == "bf16" and device.type == "cpu" and not hardware.native_bf16():
+        log.warning("bf16 on this CPU (%s) is emulated and can be 100x slower than fp32; "
+                    "--dtype auto picks fp32 here", hardware.cpu_class())
     return DTYPES[dtype]
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def embedded_gemma_path() -> Path:

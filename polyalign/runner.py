@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from . import hardware
+
+log = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "polyalign_packed"
 # Families whose attention modules pass their arguments through transformers' AttentionInterface
@@ -246,7 +251,9 @@ class PrepackedLinears:
         self.packed: dict = {}
         lins = [m for m in decoder_of(model).modules() if isinstance(m, torch.nn.Linear)
                 and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
-        if not lins or sum(m.weight.numel() * 2 for m in lins) > max_bytes:
+        # Without native bf16 oneDNN's packed kernels round otherwise than plain F.linear (seen on
+        # AVX2-only CPUs), and bf16 there is emulated anyway: models.resolve_dtype already warned.
+        if not lins or sum(m.weight.numel() * 2 for m in lins) > max_bytes or not hardware.native_bf16():
             return
         try:
             with torch.no_grad():
@@ -254,6 +261,8 @@ class PrepackedLinears:
                 m = lins[0]
                 x = torch.randn(5, m.in_features, dtype=torch.bfloat16)
                 if not torch.equal(self._linear(self.packed[m], m, x), F.linear(x, m.weight, m.bias)):
+                    log.warning("oneDNN-prepacked bf16 weights are not bitwise the plain ones on this CPU "
+                                "(%s): using plain linears", hardware.cpu_class())
                     self.packed = {}
         except (RuntimeError, AttributeError):      # no oneDNN in this torch build
             self.packed = {}
@@ -296,6 +305,11 @@ class PrefixRunner:
         # only batched attention pads (packed on a GPU), nothing when attention runs item by item.
         self.pad_weight = 1.0 if not self.packed else 0.0 if self.per_item else 0.25
         self.linears = PrepackedLinears(model)
+
+    def fast_paths(self) -> dict:
+        """Which of the fast paths this runner takes (results.json records them)."""
+        return {"packed_rows": self.packed, "per_item_attention": self.packed and self.per_item,
+                "prepacked_linears": bool(self.linears.packed)}
 
     @torch.inference_mode()
     def prefix(self, ids: list[int], hidden_states: bool = False) -> Prefix:
