@@ -1,22 +1,39 @@
 # Two commands: `make demo` (the embedded demo) and `make test` (the tests).
-# Each creates or reuses .venv and installs what it needs. GPU users pick their torch build:
+# Each creates or reuses .venv and installs exactly the versions in requirements-lock.txt (with uv),
+# and torch from TORCH_SPEC with pip. GPU users pick their torch build:
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+# `make lock` refreshes the lock from pyproject.toml's ranges (see docs/architecture.md).
+SHELL := bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+UV_VERSION ?= 0.13.8
+LOCK := requirements-lock.txt
+# Where the lock's resolution finds torch's CPU wheel (its dependencies are locked; torch itself is not).
+TORCH_LOCK_SOURCE ?= --find-links /opt/wheels
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.polyalign-installed
+UV := $(BIN)/uv
 
-.PHONY: demo test install browser clean-venv
+.PHONY: demo test test-avx2 install lock browser clean-venv
 
-$(STAMP): pyproject.toml
+$(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml $(LOCK) | $(UV)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) -c $(LOCK)
+	$(UV) pip install -q --python $(BIN)/python --no-deps -r $(LOCK)
+	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra test --universal --python-version 3.11 --no-header \
+	  $(TORCH_LOCK_SOURCE) --override <(echo "torch==2.13.0+cpu") --no-emit-package torch -o $(LOCK).new
+	{ echo "# Exact versions for make demo / make test; refresh with: make lock (torch: TORCH_SPEC)"; \
+	  cat $(LOCK).new; } > $(LOCK) && rm $(LOCK).new
 
 demo: $(STAMP)
 	$(BIN)/polyalign run --demo
