@@ -44,8 +44,19 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will skip"; }
 
+# The whole suite natively, then the tests of CPU-kernel-specific paths again as an AVX2-only CPU runs
+# them (torch's and oneDNN's kernels capped to AVX2), so that a machine with more checks that class too.
+KERNEL_TESTS := tests/test_hardware.py tests/test_scoring.py tests/test_runner.py tests/test_lens.py tests/test_train.py
+
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-avx2
+
+test-avx2: $(STAMP)
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+	  echo "== again as an AVX2-only CPU: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"; \
+	  ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -m "not slow" $(KERNEL_TESTS); \
+	else echo "== AVX2-restricted run: x86_64 only, skipped on $$(uname -m)"; fi
 
 clean-venv:
 	rm -rf $(VENV)
