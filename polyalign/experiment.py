@@ -628,6 +628,10 @@ def plan(exp: Experiment) -> list[Step]:
     ev = exp.eval
     eval_common = {"scoring": ev["scoring"], "limit": ev["limit"], "data": ev["data"],
                    "max_length": ev["max_length"], "trust_file_labels": ev["trust_file_labels"]}
+    if ev["batch_tokens"]:
+        # It changes scores in the last bits (and evaluate refuses a folder scored with another
+        # value); named only when set, so that the folders of runs without it keep their names.
+        eval_common["batch_tokens"] = ev["batch_tokens"]
 
     def add(step: Step) -> Step:
         step.finalize()

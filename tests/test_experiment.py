@@ -219,6 +219,19 @@ def test_changing_one_setting_changes_only_its_steps():
     assert {"train zhde-en", "train sw-en", "eval zhde-en snli"} <= changed
 
 
+def test_eval_batch_tokens_names_its_own_eval_folders():
+    """Before: eval.batch_tokens was in no step key, so a changed budget kept the old scores as done."""
+    plain = {s.label: s for s in X.plan(validate(base_raw()))}
+    raw = base_raw()
+    raw["eval"]["batch_tokens"] = 512
+    other = {s.label: s for s in X.plan(validate(raw))}
+    for label, st in plain.items():
+        if st.kind == "eval":
+            assert other[label].folder_key != st.folder_key and other[label].key != st.key, label
+        elif st.kind in ("prepare", "train"):
+            assert other[label].key == st.key, label
+
+
 def test_more_eval_languages_reuse_the_eval_folder():
     a = {s.label: s for s in X.plan(validate(base_raw()))}
     raw = base_raw()
