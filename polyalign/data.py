@@ -94,8 +94,65 @@ def _class_of(task: Task, lang: str, value, where: str) -> str:
     raise PolyalignError(f"{where}: gold label {value!r} is not in the label set {task.classes}")
 
 
+def _line_of(path: Path, index: int) -> int | None:
+    """The line on which record `index` of a file read by read_records starts (None if unknown)."""
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8-sig") as f:
+                nonblank = (n for n, line in enumerate(f, 1) if line.strip())
+                return next(n for k, n in enumerate(nonblank) if k == index)
+        if suffix in (".csv", ".tsv"):
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                for k, _ in enumerate(reader):
+                    if k == index + 1:          # row 0 is the header
+                        return reader.line_num
+            return None
+        if suffix == ".json":
+            text, dec = path.read_text("utf-8-sig"), json.JSONDecoder()
+            pos = text.index("[") + 1 if text.lstrip().startswith("[") else None
+            for k in range(index + 1):
+                if pos is None:
+                    return None
+                while text[pos] in " \t\r\n,":
+                    pos += 1
+                if k == index:
+                    return text.count("\n", 0, pos) + 1
+                _, pos = dec.raw_decode(text, pos)
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+    return None
+
+
+def _place(where: str, index: int, path: Path | None) -> str:
+    line = _line_of(path, index) if path is not None else None
+    return f"{where}:{line}" if line else f"{where}: item {index}"
+
+
+_KINDS = {type(None): "null", bool: "a boolean", dict: "a JSON object", list: "a list"}
+
+
+def _text(value, name: str, where: str, index: int, path: Path | None) -> str:
+    """A field value as text. Text and numbers are; null, booleans, objects and lists are refused,
+    since str() would score them as the strings "None", "True" or "{'a': 1}"."""
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)
+    kind = _KINDS.get(type(value), type(value).__name__)
+    raise PolyalignError(f"{_place(where, index, path)}: field {name!r} is {kind}, not text")
+
+
+def _gold(value, key: str, where: str, index: int, path: Path | None):
+    """A gold label is text or a class index; a boolean (true/false) would silently read as 1/0."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    kind = _KINDS.get(type(value), type(value).__name__)
+    raise PolyalignError(f"{_place(where, index, path)}: gold label {key!r} is {kind} ({json.dumps(value)}); "
+                         f"give the class name, a label word or the class index")
+
+
 def _to_items(task: Task, lang: str, records: list[dict], where: str, fields_map: dict | None = None,
-              label_key: str | None = None) -> list[dict]:
+              label_key: str | None = None, path: Path | None = None) -> list[dict]:
     fields_map = fields_map or {f: f for f in task.fields}
     items = []
     for i, rec in enumerate(records):
@@ -105,9 +162,9 @@ def _to_items(task: Task, lang: str, records: list[dict], where: str, fields_map
         key = label_key or next((k for k in ("label", "answer", "gold") if k in rec), None)
         if key is None:
             raise PolyalignError(f"{where}: item {i} has no label/answer field")
-        item = {"id": str(rec.get("id", i))}
-        item.update({f: str(rec[src]) for f, src in fields_map.items()})
-        item["label"] = _class_of(task, lang, rec[key], f"{where}: item {i}")
+        item = {"id": _text(rec["id"], "id", where, i, path) if "id" in rec else str(i)}
+        item.update({f: _text(rec[src], src, where, i, path) for f, src in fields_map.items()})
+        item["label"] = _class_of(task, lang, _gold(rec[key], key, where, i, path), f"{where}: item {i}")
         items.append(item)
     return items
 
@@ -117,14 +174,14 @@ def _bundled(task: Task, lang: str) -> list[dict]:
     res = files("polyalign").joinpath(f"resources/data/{task.name}/{lang}.jsonl")
     if not res.is_file():
         raise PolyalignError(f"no bundled data for task {task.name!r} in language {lang!r}; pass --data")
-    return _to_items(task, lang, read_records(str(res)), f"bundled {task.name}/{lang}.jsonl")
+    return _to_items(task, lang, read_records(str(res)), f"bundled {task.name}/{lang}.jsonl", path=Path(str(res)))
 
 
 def _pattern(task: Task, lang: str, pattern: str) -> list[dict]:
     path = pattern.format(lang=lang, task=task.name)
     if Path(path).is_dir():  # e.g. --data 'saved/{lang}', one `save_to_disk` folder per language
         return _hf(task, lang, path)
-    return _to_items(task, lang, read_records(path), path)
+    return _to_items(task, lang, read_records(path), path, path=Path(path))
 
 
 def _first_line(e: Exception) -> str:
@@ -168,12 +225,19 @@ def _hf(task: Task, lang: str, spec: str, several: bool = False) -> list[dict]:
 
 
 def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) -> LoadedData:
-    """The paper's release layout. Gold words are in the target language; the class of item i is
-    read from the parallel English file, and each language's words are cross-checked."""
+    """The paper's release layout. Gold words are in the target language (or, with `answers: english`
+    in the layout, in English in every file); the class of item i is read from the parallel English
+    file, and each language's words are cross-checked."""
     spec = task.extra.get("release")
     if not spec:
         raise PolyalignError(f"task {task.name!r} has no `release` layout in its task file")
-    read = lambda lang: read_records(root / spec["file"].format(lang=lang))  # noqa: E731
+    def read(lang: str) -> list[dict]:
+        path = root / spec["file"].format(lang=lang)
+        records = read_records(path)
+        for i, r in enumerate(records):
+            _gold(r.get("answer", ""), "answer", str(path), i, path)
+        return records
+
     english = read("en")
     en_classes = [_class_of(task, "en", r.get("answer"), f"{root}/{spec['file'].format(lang='en')}: item {i}")
                   for i, r in enumerate(english)]
@@ -201,6 +265,9 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
             return registry_cache[word]
 
         english_words = task.labels.get("english", {})
+        # `answers: english` in the layout: the release writes the English word in every language's
+        # file (PAWS), so English is what each file must say, not a native word left untranslated.
+        english_everywhere = spec.get("answers") == "english"
         native_words = task.languages[lang].native if lang in task.languages else {}
         word_to_class = {}
         for cls, words in seen.items():
@@ -218,6 +285,10 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
             elif known != cls:
                 issues.append(f"{task.name}/{lang}: file word {top!r} sits on {cls} items but the registry "
                               f"reads it as {known}")
+            elif english_everywhere:
+                if top.casefold() != english_words.get(cls, "").casefold():
+                    issues.append(f"{task.name}/{lang}: file word {top!r} for {cls} is not the English word "
+                                  f"{english_words.get(cls)!r} that this release uses in every language")
             elif (lang != "en" and native and top.casefold() != native.casefold()
                   and top.casefold() == english_words.get(cls, "").casefold()):
                 issues.append(f"{task.name}/{lang}: file word {top!r} for {cls} is left in English "
@@ -235,7 +306,7 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
             for f, src in spec["fields"].items():
                 if src not in r:
                     raise PolyalignError(f"{where}: item {i} lacks field {src!r}")
-                item[f] = str(r[src])
+                item[f] = _text(r[src], src, where, i, Path(where))
             item["label"] = cls
             items.append(item)
         if changed:

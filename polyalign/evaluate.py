@@ -8,6 +8,7 @@ and rank 0 merges them into the same files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -175,6 +176,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                 "data": cfg.data, "limit": cfg.limit, "max_length": cfg.max_length,
                 "trust_file_labels": cfg.trust_file_labels}
     settings.update({f"task:{t.name}": content_hash(Path(t.path).read_text("utf-8")) for t in tasks})
+    if cfg.batch_tokens is not None:   # the default budget is known once the device is (below)
+        settings["batch_tokens"] = cfg.batch_tokens
     # Every process checks (so that none waits forever for a rank that failed); the settings are
     # recorded only once the model has loaded, so that a typo in --model does not claim the folder.
     check_fingerprint(output, "run.json", settings, record=False)
@@ -184,12 +187,23 @@ def evaluate(cfg: EvalConfig) -> dict:
     if state and device == "auto":
         device = str(state.device)
     lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter)
+    scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
+    # Options that change scores in the last bits, as resolved: the batch budget (an item's matmuls
+    # see its batch's rows; see README), and the device and dtype that `auto` chose.
+    settings.update({"batch_tokens": scorer.runner.token_budget, "device": lm.device.type,
+                     "torch_dtype": str(lm.dtype).replace("torch.", "")})
+    check_fingerprint(output, "run.json", settings, record=False)
     if rank == 0:
         check_fingerprint(output, "run.json", settings)
+        rescored = _forget_changed_data(output, datasets)
+        issues += rescored
+        for line in rescored:
+            print(f"data: {line}", file=sys.stderr)
     if state:
         state.wait_for_everyone()
-    scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
     machine = {**hardware.describe(lm.device), **scorer.runner.fast_paths()}
+    planned = {(t.name, m, lang) for t in tasks for m in modes for lang in langs}
+    others = _other_rows(output, planned, cfg.scoring) if rank == 0 else []
 
     from tqdm.auto import tqdm
     plan = [(t, m, lang) for t in tasks for m in modes for lang in langs]
@@ -258,20 +272,73 @@ def evaluate(cfg: EvalConfig) -> dict:
                     part.unlink()
             rows.append(summarize(ordered, task.name, lang, mode, cfg.scoring))
             bar.write(f"{task.name:<16} {mode:<8} {lang:<3} acc {rows[-1]['acc']:.3f}  (n={rows[-1]['n']})")
-            _write_results(output, cfg, lm, machine, rows, issues, overlaps, scoring_seconds, scored_items,
-                           scored_tokens)
+            _write_results(output, cfg, lm, machine, _in_order(rows + others, tasks, modes, langs), issues,
+                           overlaps, scoring_seconds, scored_items, scored_tokens)
         if state:
             state.wait_for_everyone()
     bar.close()
     results = None
     if rank == 0:
-        results = _write_results(output, cfg, lm, machine, rows, issues, overlaps, scoring_seconds,
-                                 scored_items, scored_tokens)
+        results = _write_results(output, cfg, lm, machine, _in_order(rows + others, tasks, modes, langs),
+                                 issues, overlaps, scoring_seconds, scored_items, scored_tokens)
         print(format_table(rows))
         for a in results["averages"]:
             print(f"average {a['task']}/{a['labels']} over {a['langs']} ({a['n_langs']} langs): {a['acc']:.3f}")
         print(f"results: {output / 'results.json'}")
     return results
+
+
+def _forget_changed_data(output: Path, datasets: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """Drop the samples of every (task, language) whose items changed since the folder scored them.
+
+    The folder's run.json keeps a hash of each (task, language)'s loaded items (after --limit):
+    the data path alone does not show a fixed gold label or an edited text. A changed language is
+    scored again as a whole, in every label mode, rather than only its changed items: batches are
+    planned over all of a language's items and an item's scores depend on its batch in the last bits,
+    so only a whole rescore gives the files a fresh run on the new data writes. The samples go
+    before the new hash is recorded, so a kill in between leaves a folder that rescores again."""
+    path = output / "run.json"
+    record = json.loads(path.read_text("utf-8"))
+    old = record.get("data_items") or {}
+    new = {f"{task}/{lang}": content_hash(items) for task, per_lang in datasets.items()
+           for lang, items in per_lang.items()}
+    changed = sorted(k for k in new if k in old and old[k] != new[k])
+    for key in changed:
+        task, lang = key.split("/")
+        for f in (output / "samples" / task).glob(f"*/{lang}.jsonl"):
+            f.unlink()
+        for f in (output / "samples" / task).glob(f"*/{lang}.rank*.jsonl"):
+            f.unlink()
+    if {**old, **new} != old:
+        write_json(path, {**record, "data_items": {**old, **new}})
+    return [f"{key}: the items differ from those this folder scored; scoring them again" for key in changed]
+
+
+def _other_rows(output: Path, planned: set, rule: str) -> list[dict]:
+    """Rows for the samples in the folder that this run does not evaluate (other languages, tasks or
+    label modes scored earlier), so that results.json describes every sample in the folder."""
+    rows = []
+    groups = sorted({(f.parent.parent.name, f.parent.name, f.name.split(".")[0])
+                     for f in (output / "samples").glob("*/*/*.jsonl")})
+    for task, mode, lang in groups:
+        if (task, mode, lang) in planned:
+            continue
+        path = sample_path(output, task, mode, lang)
+        merged = {s["id"]: s for s in read_jsonl(path)}
+        for part in path.parent.glob(f"{lang}.rank*.jsonl"):   # a killed multi-process run's shares
+            merged.update({s["id"]: s for s in read_jsonl(part)})
+        if merged:
+            rows.append(summarize(list(merged.values()), task, lang, mode, rule))
+    return rows
+
+
+def _in_order(rows: list[dict], tasks: list[Task], modes: list[str], langs: list[str]) -> list[dict]:
+    """This run's order (tasks x modes x languages), the folder's other rows fitted in after theirs."""
+    t_order = [t.name for t in tasks] + sorted({r["task"] for r in rows} - {t.name for t in tasks})
+    m_order = list(dict.fromkeys([*modes, *LABEL_MODES, *sorted({r["labels"] for r in rows})]))
+    l_order = list(dict.fromkeys([*langs, *languages.ALL, *sorted({r["lang"] for r in rows})]))
+    return sorted(rows, key=lambda r: (t_order.index(r["task"]), m_order.index(r["labels"]),
+                                       l_order.index(r["lang"])))
 
 
 def _write_results(output, cfg, lm, machine, rows, issues, overlaps, seconds, items, tokens) -> dict:

@@ -552,6 +552,7 @@ class Step:
         return run / "steps" / f"{self.kind}-{self.folder_key}"
 
     def done(self, run: Path) -> dict | None:
+        """done.json for this very step, and only while the step's outputs are all there and parse."""
         path = self.folder(run) / "done.json"
         if not path.exists():
             return None
@@ -559,7 +560,46 @@ class Step:
             marker = json.loads(path.read_text("utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
-        return marker if marker.get("key") == self.key else None
+        if not isinstance(marker, dict) or marker.get("key") != self.key:
+            return None
+        return None if outputs_problem(self.kind, self.folder(run)) else marker
+
+
+def _json_file(path: Path, kind: type = dict):
+    """The parsed file, or None when it is missing, unreadable or not a `kind`."""
+    try:
+        value = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def outputs_problem(kind: str, folder: Path) -> str | None:
+    """What is missing or unreadable among the outputs a finished step of `kind` leaves in `folder`
+    (the files the later steps and the report read), or None when they are all there and parse."""
+    if kind == "eval":
+        results = _json_file(folder / "results.json")
+        if results is None or not isinstance(results.get("rows"), list):
+            return "results.json is missing or unreadable"
+        for row in results["rows"]:
+            try:
+                samples = folder / "samples" / row["task"] / row["labels"] / f"{row['lang']}.jsonl"
+            except (TypeError, KeyError):
+                return "results.json has a malformed row"
+            if not samples.is_file():
+                return f"{samples.relative_to(folder)} is missing"
+        return None
+    if kind == "prepare":
+        return None if (folder / "train.jsonl").is_file() else "train.jsonl is missing"
+    if kind == "train":
+        try:
+            found = adapter_dir(folder)
+        except PolyalignError:
+            return "the adapter (adapter_config.json) is missing"
+        return None if _json_file(found / "adapter_config.json") is not None else "adapter_config.json is unreadable"
+    if kind in ("lens", "geometry"):
+        return None if _json_file(folder / "summary.json") is not None else "summary.json is missing or unreadable"
+    return None
 
 
 def _task_hash(name: str) -> str:
@@ -628,6 +668,10 @@ def plan(exp: Experiment) -> list[Step]:
     ev = exp.eval
     eval_common = {"scoring": ev["scoring"], "limit": ev["limit"], "data": ev["data"],
                    "max_length": ev["max_length"], "trust_file_labels": ev["trust_file_labels"]}
+    if ev["batch_tokens"]:
+        # It changes scores in the last bits (and evaluate refuses a folder scored with another
+        # value); named only when set, so that the folders of runs without it keep their names.
+        eval_common["batch_tokens"] = ev["batch_tokens"]
 
     def add(step: Step) -> Step:
         step.finalize()
@@ -847,10 +891,15 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         marker = st.done(run)
         status[st.key] = ({"status": "done", "seconds": marker.get("seconds")} if marker
                           else {"status": "pending"})
+        problem = outputs_problem(st.kind, st.folder(run)) if (st.folder(run) / "done.json").exists() else None
+        if not marker and problem:
+            status[st.key]["problem"] = problem   # marked done once, its outputs broken since: run it again
     n = len(steps)
     if dry_run:
         for i, st in enumerate(steps, 1):
-            print(f"[{i}/{n}] {st.label:<40} {status[st.key]['status']:<8} {st.folder(run)}", file=out)
+            problem = status[st.key].get("problem")
+            print(f"[{i}/{n}] {st.label:<40} {status[st.key]['status']:<8} {st.folder(run)}"
+                  + (f"  ({problem})" if problem else ""), file=out)
         return run
     if check_models:
         preflight(exp, steps, run)
@@ -873,6 +922,8 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         elapsed = time.time() - started
         frac = spent_w / todo_w if todo_w else 1.0
         eta = (elapsed / spent_w * (todo_w - spent_w)) if spent_w and elapsed > 1 else None
+        if status[st.key].get("problem"):
+            print(f"{head}: finished earlier but {status[st.key]['problem']}; running it again", file=out)
         print(f"{head}  {_bar(frac)} {frac * 100:3.0f}%  elapsed {_fmt_seconds(elapsed)}  "
               f"ETA {_fmt_seconds(eta) if eta is not None else 'after the first step'}", file=out, flush=True)
         folder = st.folder(run)
@@ -937,10 +988,11 @@ def _failed(run, exp, steps, status, st, message, quiet=False) -> None:
 
 def _summary(st: Step, folder: Path, run: Path) -> dict:
     """A few facts about the finished artefact, checked so that a broken step is never marked done."""
+    problem = outputs_problem(st.kind, folder)
+    if problem:
+        raise PolyalignError(f"the {st.kind} step finished but {problem} in {folder}")
     if st.kind == "eval":
         path = folder / "results.json"
-        if not path.exists():
-            raise PolyalignError(f"evaluation finished without {path}")
         res = json.loads(path.read_text("utf-8"))
         return {"averages": res.get("averages", []), "timing": res.get("timing", {})}
     if st.kind == "train":

@@ -13,6 +13,7 @@ import csv
 import html
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +23,8 @@ from . import languages
 from .errors import PolyalignError
 from .stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
 from .store import read_jsonl, write_atomic
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("all", "seen", "unseen", "high", "low")
 DAGGER = "†"
@@ -338,7 +341,18 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     setting_order = [s["name"] for s in manifest.get("settings", [])]
     models = [m["label"] for m in manifest.get("models", [])]
     steps = manifest.get("steps", [])
-    done = [s for s in steps if s.get("status") == "done" or (run / s["dir"] / "done.json").exists()]
+    from .experiment import outputs_problem
+    done, broken = [], {}
+    for s in steps:
+        if s.get("status") == "done" or (run / s["dir"] / "done.json").exists():
+            # A step is done only while its outputs are there and parse (a deleted results.json
+            # would otherwise drop its setting from every table without a word).
+            problem = outputs_problem(s["kind"], run / s["dir"])
+            if problem:
+                broken[s["label"]] = problem
+                log.warning("%s: %s; rerun `polyalign run` to rebuild it", s["label"], problem)
+            else:
+                done.append(s)
     pending = [s for s in steps if s not in done]
     ev_cfg = manifest.get("eval") or {}
     scoring = ev_cfg.get("scoring", "paper")
@@ -369,6 +383,9 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
         facts.append(f"**Incomplete run**: {len(pending)} of {len(steps)} steps are not finished "
                      f"({', '.join(s['label'] for s in pending[:6])}{'…' if len(pending) > 6 else ''}); "
                      "rerun `polyalign run` to finish them")
+    if broken:
+        facts.append("**Broken steps**, left out below: " + "; ".join(f"{label}: {problem}"
+                                                                      for label, problem in broken.items()))
     doc.ul(facts)
 
     # ---- evaluations

@@ -1,6 +1,7 @@
 """Crash-safe files: whole-line appends, atomic JSON writes, tolerant JSONL reads, run fingerprints."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,11 +20,21 @@ def append_lines(path: Path, records: list[dict]) -> None:
     if not records:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
+    data = memoryview("".join(dumps(r) + "\n" for r in records).encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
+        # os.write may write less than asked (a nearly full disk): write the rest, and fail with the
+        # file's name rather than leave the tail unwritten. A torn last line is dropped by read_jsonl.
+        while data:
+            n = os.write(fd, data)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            data = data[n:]
         os.fsync(fd)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         os.close(fd)
 
@@ -51,10 +62,16 @@ def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # a full disk fails in write/flush, which name no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     os.replace(tmp, path)
 
 

@@ -465,8 +465,8 @@ def _check_output(out: Path, resolved: dict, resume: bool) -> str:
         if a.get(key) != b.get(key):
             raise PolyalignError(f"{out} already holds a different run ({key}: {a.get(key)!r} there, "
                                  f"{b.get(key)!r} now); choose another --output")
-    if (out / "summary.json").is_file():
-        return "done"
+    if (out / "summary.json").is_file() and (out / "adapter_config.json").is_file():
+        return "done"      # (a finished run whose adapter went missing resumes, and saves it again)
     if not resume:
         raise PolyalignError(f"{out} holds an unfinished run of this config; pass --resume to continue it "
                              f"(or choose another --output)")

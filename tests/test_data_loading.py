@@ -207,3 +207,110 @@ def test_release_importer_reports_counts_and_spellings(tmp_path, shared_data):
     assert Counter(it["label"] for it in limited.items["en"]) == {c: 2 for c in snli.classes}
     expected = limit_indices([r["answer"] for r in en], snli.classes, 6)
     assert [it["id"] for it in limited.items["en"]] == [str(i) for i in expected]
+
+
+# --------------------------------------------------------------------------- bad field values
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+@pytest.mark.parametrize("key, value, words", [
+    ("review", None, ["'review'", "null"]),
+    ("review", {"a": 1}, ["'review'", "JSON object"]),
+    ("review", ["a", "b"], ["'review'", "list"]),
+    ("review", True, ["'review'", "boolean"]),
+    ("label", True, ["'label'", "boolean", "true"]),
+    ("label", False, ["'label'", "boolean", "false"]),
+    ("label", None, ["'label'", "null"]),
+])
+def test_bad_field_values_are_refused_with_file_and_line(tmp_path, task, fmt, key, value, words):
+    """Before: a null review was scored as the text "None", {"a": 1} as "{'a': 1}", true/false as classes 1/0."""
+    rows = _rows("en")
+    rows[4][key] = value
+    path = tmp_path / f"en.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+        line = 5
+    else:   # one object per line after the opening bracket, as `json.dumps(indent=...)` does not
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n", "utf-8")
+        line = 6
+    with pytest.raises(PolyalignError) as e:
+        load_data(task, ["en"], str(tmp_path / f"{{lang}}.{fmt}"))
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith(f"{path}:{line}: ")
+    for w in words:
+        assert w in msg
+
+
+def test_a_short_csv_row_is_refused_with_its_line(tmp_path, task):
+    rows = _rows("en")
+    text = "id,review,label\n" + "".join(f'{r["id"]},"{r["review"]}",{r["label"]}\n' for r in rows[:3])
+    (tmp_path / "en.csv").write_text(text + "x3\n", "utf-8")      # review and label missing: None, not text
+    with pytest.raises(PolyalignError, match=r"en\.csv:5: field 'review' is null"):
+        load_data(task, ["en"], str(tmp_path / "{lang}.csv"))
+
+
+def test_bad_values_in_the_paper_release_layout_are_refused(tmp_path):
+    paws = load_task("paws")
+    root = tmp_path / "release"
+    _write_paws(root, ["en", "de"])
+    recs = json.loads((root / "paws" / "paws_de500_test.json").read_text("utf-8"))
+    recs[2]["sentence2"] = None
+    (root / "paws" / "paws_de500_test.json").write_text(json.dumps(recs, indent=1), "utf-8")
+    with pytest.raises(PolyalignError, match=r"paws_de500_test\.json:\d+: field 'sentence2' is null"):
+        load_data(paws, ["en", "de"], root)
+    recs[2]["sentence2"], recs[3]["answer"] = "x", True
+    (root / "paws" / "paws_de500_test.json").write_text(json.dumps(recs, indent=1), "utf-8")
+    with pytest.raises(PolyalignError, match=r"paws_de500_test\.json:\d+: gold label 'answer' is a boolean"):
+        load_data(paws, ["en", "de"], root)
+
+
+# --------------------------------------------------------------------------- the PAWS release layout
+PAWS_GOLD = ["same", "different"] * 10
+
+
+def _write_paws(root, langs, answers=None):
+    """Files in the release's PAWS layout: paws/paws_{lang}500_test.json, a JSON list of
+    {"sentence1", "sentence2", "answer"}, the answer the English word in every language, parallel by index."""
+    (root / "paws").mkdir(parents=True, exist_ok=True)
+    for lang in langs:
+        words = (answers or {}).get(lang, PAWS_GOLD)
+        recs = [{"sentence1": f"{lang} first sentence {i}", "sentence2": f"{lang} second sentence {i}",
+                 "answer": w} for i, w in enumerate(words)]
+        (root / "paws" / f"paws_{lang}500_test.json").write_text(json.dumps(recs, ensure_ascii=False, indent=1),
+                                                                  "utf-8")
+
+
+def test_paws_release_layout_with_english_gold_words_in_every_file(tmp_path):
+    paws = load_task("paws")
+    langs = ["en", "de", "zh", "sw", "th"]
+    _write_paws(tmp_path, langs)
+    loaded = load_data(paws, langs, tmp_path)
+    assert loaded.source == f"paper-release:{tmp_path}"
+    assert loaded.issues == []      # English gold words are what this release writes: nothing to report
+    for lang in langs:
+        items = loaded.items[lang]
+        assert [it["label"] for it in items] == PAWS_GOLD
+        assert [it["id"] for it in items] == [str(i) for i in range(20)]
+        assert items[3]["sentence1"] == f"{lang} first sentence 3" and items[3]["sentence2"] == f"{lang} second sentence 3"
+    limited = load_data(paws, ["de"], tmp_path, limit=4)
+    assert [it["id"] for it in limited.items["de"]] == ["0", "1", "2", "3"]
+
+
+def test_paws_release_layout_reports_a_wrong_word(tmp_path):
+    paws = load_task("paws")
+    flipped = list(PAWS_GOLD)
+    flipped[0] = "different"                                   # one "same" item marked different
+    _write_paws(tmp_path, ["en", "de", "fr", "sw", "zh"], answers={
+        "de": flipped,
+        "fr": ["yes" if w == "same" else w for w in PAWS_GOLD],     # the train set's yes/no
+        "sw": ["sawa" if w == "same" else w for w in PAWS_GOLD],    # a native word where English is expected
+    })
+    loaded = load_data(paws, ["en", "de", "fr", "sw", "zh"], tmp_path)
+    by_lang = {lang: [x for x in loaded.issues if x.startswith(f"paws/{lang}:")] for lang in ("en", "de", "fr", "sw", "zh")}
+    assert by_lang["en"] == [] and by_lang["zh"] == []
+    assert any("same spelled 2 ways" in x and "'different'×1" in x for x in by_lang["de"])
+    assert any("'yes'" in x and "matches no label word" in x for x in by_lang["fr"])
+    assert any("'sawa'" in x and "not the English word 'same'" in x for x in by_lang["sw"])
+    assert len(loaded.issues) == 3
+    # The class still comes from the parallel English file.
+    assert [it["label"] for it in loaded.items["de"]] == PAWS_GOLD
+    trusted = load_data(paws, ["en", "de"], tmp_path, trust_file_labels=True)
+    assert trusted.items["de"][0]["label"] == "different"

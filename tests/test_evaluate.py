@@ -195,6 +195,139 @@ def test_resume_merges_the_part_files_of_a_killed_multi_process_run(tmp_path, ti
     assert not [c for c in count_scored if c[0] == "en"]
 
 
+# --------------------------------------------------------------------------- edited data, subsets, options
+def _edit_data(data: str, lang: str, changes: dict[int, dict]) -> None:
+    path = Path(data.format(lang=lang))
+    recs = [json.loads(x) for x in path.read_text("utf-8").splitlines()]
+    for i, change in changes.items():
+        recs[i].update(change)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
+
+
+def test_rerun_after_the_data_was_edited_rescores_the_edited_language(tmp_path, tiny_llama_path, count_scored,
+                                                                       capsys):
+    """Before: the fingerprint held the data path only, so a fixed gold label kept its old samples."""
+    task, data = toy(tmp_path)
+    out = tmp_path / "run"
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+    _edit_data(data, "de", {3: {"label": "positive"}, 6: {"review": "Der Akku hält zwei Tage."}})
+    capsys.readouterr()
+
+    count_scored.clear()
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+    assert "toy_polarity/de: the items differ" in capsys.readouterr().err
+    assert sum(len(ids) for lang, _, ids in count_scored if lang == "de") == 12     # de again, whole
+    assert not [c for c in count_scored if c[0] == "en"]                          # en untouched
+    de = lines(out / "samples/toy_polarity/english/de.jsonl")
+    assert de[3]["gold"] == "positive" and "zwei Tage" in de[6]["prompt"]
+
+    fresh = tmp_path / "fresh"
+    assert run(*_args(tiny_llama_path, task, data, fresh)) == 0
+    assert sample_files(out) == sample_files(fresh)
+    rows = lambda folder: json.loads((folder / "results.json").read_text("utf-8"))["rows"]  # noqa: E731
+    assert rows(out) == rows(fresh)
+    count_scored.clear()
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0                      # nothing changed now
+    assert count_scored == []
+
+
+def test_kill_edit_kill_resume_gives_the_files_of_a_fresh_run(tmp_path, tiny_llama_path, monkeypatch):
+    """A run killed part-way, the data edited, the rescore killed too, then resumed."""
+    task, data = toy(tmp_path)
+    out = tmp_path / "run"
+    real_append = evaluate_mod.append_lines
+
+    def dying_after(n):
+        written = []
+
+        def append_then_die(path, records):
+            real_append(path, records)
+            written.extend(records)
+            if len(written) >= n:
+                raise KeyboardInterrupt
+        return append_then_die
+
+    monkeypatch.setattr(evaluate_mod, "append_lines", dying_after(5))
+    assert run(*_args(tiny_llama_path, task, data, out)) == 130
+    scored = {s["id"] for s in lines(out / "samples/toy_polarity/english/en.jsonl")}
+    fixed = next(i for i in range(12) if f"r{i:02d}" in scored)
+    _edit_data(data, "en", {fixed: {"label": "negative" if fixed % 2 == 0 else "positive"}})
+    monkeypatch.setattr(evaluate_mod, "append_lines", dying_after(3))
+    assert run(*_args(tiny_llama_path, task, data, out)) == 130
+    monkeypatch.setattr(evaluate_mod, "append_lines", real_append)
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+
+    fresh = tmp_path / "fresh"
+    assert run(*_args(tiny_llama_path, task, data, fresh)) == 0
+    assert sample_files(out) == sample_files(fresh)
+    en = lines(out / "samples/toy_polarity/english/en.jsonl")
+    assert en[fixed]["gold"] != ["positive", "negative"][fixed % 2]
+
+
+def test_a_subset_of_languages_keeps_results_json_describing_every_sample(tmp_path, tiny_llama_path):
+    """Before: evaluating de alone into a folder that held en and de rewrote results.json with de only."""
+    task, data = toy(tmp_path)
+    out = tmp_path / "run"
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0
+    full = json.loads((out / "results.json").read_text("utf-8"))
+    args = list(_args(tiny_llama_path, task, data, out))
+    args[args.index("en,de")] = "de"
+    assert run(*args, "--labels", "native") == 0       # another label mode, one language
+    results = json.loads((out / "results.json").read_text("utf-8"))
+    keys = [(r["labels"], r["lang"]) for r in results["rows"]]
+    assert keys == [("native", "de"), ("english", "de"), ("english", "en")]   # this run's languages first
+    assert [r for r in results["rows"] if r["labels"] == "english"] == full["rows"][::-1]
+    for row in results["rows"]:   # every row is its samples file, every samples file has its row
+        samples = lines(out / "samples/toy_polarity" / row["labels"] / f"{row['lang']}.jsonl")
+        assert row["n"] == len(samples) == 12 and row["acc"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
+    assert len(results["rows"]) == len(list((out / "samples").rglob("*.jsonl")))
+    english_all = [a for a in results["averages"] if a["labels"] == "english" and a["langs"] == "all"]
+    assert english_all == [a for a in full["averages"] if a["langs"] == "all"] and english_all[0]["n_langs"] == 2
+
+
+def test_batch_tokens_is_part_of_the_fingerprint(tmp_path, tiny_llama_path, capsys):
+    """--batch-tokens changes scores in the last bits (see README), so a resume must not mix two values."""
+    task, data = toy(tmp_path)
+    out = tmp_path / "run"
+    assert run(*_args(tiny_llama_path, task, data, out)) == 0           # --batch-tokens 160
+    capsys.readouterr()
+    args = list(_args(tiny_llama_path, task, data, out))
+    args[args.index(160)] = 60
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "batch_tokens" in err[0] and "60" in err[0]
+    recorded = json.loads((out / "run.json").read_text("utf-8"))
+    assert recorded["batch_tokens"] == 160 and recorded["device"] == DEVICE.split(":")[0]
+    assert recorded["torch_dtype"] == "float32"
+    # The default budget is recorded as resolved, so naming it explicitly is the same run.
+    other = tmp_path / "default"
+    args[args.index(out)] = other
+    del args[args.index(60) - 1: args.index(60) + 1]
+    assert run(*args) == 0
+    from polyalign.runner import PrefixRunner  # noqa: F401  (the budget it resolves to is recorded)
+    budget = json.loads((other / "run.json").read_text("utf-8"))["batch_tokens"]
+    assert isinstance(budget, int) and budget > 0
+    assert run(*args, "--batch-tokens", budget) == 0
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, tiny_llama_path, monkeypatch, capsys):
+    """Before: the disk-full message had an empty file name (os.write names none)."""
+    import errno
+    from polyalign import store
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    task, data = toy(tmp_path)
+    out = tmp_path / "run"
+    monkeypatch.setattr(store.os, "write", full)
+    assert run(*_args(tiny_llama_path, task, data, out)) == 2
+    # (Only the error line: the "Loading weights" bar that --no-progress does not yet silence is another item.)
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("polyalign")]
+    assert len(err) == 1 and "disk full while writing" in err[0]
+    assert str(out / "samples/toy_polarity/english/en.jsonl") in err[0]
+
+
 # --------------------------------------------------------------------------- truncation
 @pytest.fixture(scope="module")
 def short_context_model(tmp_path_factory, tiny_tokenizer):

@@ -219,6 +219,19 @@ def test_changing_one_setting_changes_only_its_steps():
     assert {"train zhde-en", "train sw-en", "eval zhde-en snli"} <= changed
 
 
+def test_eval_batch_tokens_names_its_own_eval_folders():
+    """Before: eval.batch_tokens was in no step key, so a changed budget kept the old scores as done."""
+    plain = {s.label: s for s in X.plan(validate(base_raw()))}
+    raw = base_raw()
+    raw["eval"]["batch_tokens"] = 512
+    other = {s.label: s for s in X.plan(validate(raw))}
+    for label, st in plain.items():
+        if st.kind == "eval":
+            assert other[label].folder_key != st.folder_key and other[label].key != st.key, label
+        elif st.kind in ("prepare", "train"):
+            assert other[label].key == st.key, label
+
+
 def test_more_eval_languages_reuse_the_eval_folder():
     a = {s.label: s for s in X.plan(validate(base_raw()))}
     raw = base_raw()
@@ -322,6 +335,45 @@ def test_failed_step_leaves_a_resumable_run(run_dir, monkeypatch):
     _run(exp, run_dir, fake2, monkeypatch)
     assert [c[0] for c in fake2.calls][:2] == ["train", "evaluate"]    # base eval and prepare were kept
     assert "prepare" in [c[0] for c in fake2.calls]                      # only sw-en's own prepare
+
+
+def test_a_step_whose_outputs_went_missing_is_run_again(run_dir, monkeypatch, capsys):
+    """Before: done.json alone made a step done, so a deleted results.json (or adapter) was never rebuilt."""
+    exp = validate(base_raw())
+    _run(exp, run_dir, FakeCommands(), monkeypatch)
+    steps = {st.label: st for st in X.plan(exp)}
+    (steps["eval base snli"].folder(run_dir) / "results.json").unlink()
+    (steps["train sw-en"].folder(run_dir) / "adapter_config.json").unlink()
+    (steps["eval zhde-en snli"].folder(run_dir) / "results.json").write_text('{"rows": [', "utf-8")   # cut short
+    capsys.readouterr()
+    X.run_experiment(exp, str(run_dir), report=False, dry_run=True, check_models=False)
+    listing = capsys.readouterr().out
+    assert "results.json is missing or unreadable" in listing and "adapter" in listing
+
+    fake = FakeCommands()
+    _run(exp, run_dir, fake, monkeypatch)
+    again = [(c[0], c[c.index("--output") + 1]) for c in fake.calls]
+    assert sorted(again) == sorted([("evaluate", str(steps["eval base snli"].folder(run_dir))),
+                                    ("train", str(steps["train sw-en"].folder(run_dir))),
+                                    ("evaluate", str(steps["eval zhde-en snli"].folder(run_dir)))])
+    assert "running it again" in capsys.readouterr().out
+    fake = FakeCommands()
+    _run(exp, run_dir, fake, monkeypatch)
+    assert fake.calls == []
+
+
+def test_a_step_that_ends_without_its_outputs_is_not_marked_done(run_dir, monkeypatch):
+    class NoSummary(FakeCommands):
+        def __call__(self, argv):
+            super().__call__(argv)
+            if argv[0] == "geometry":
+                (Path(argv[argv.index("--output") + 1]) / "summary.json").unlink()
+
+    exp = validate(base_raw())
+    with pytest.raises(PolyalignError, match="summary.json is missing"):
+        _run(exp, run_dir, NoSummary(), monkeypatch)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["steps"] if s["kind"] == "geometry"] == ["failed"]
 
 
 def test_disk_full_is_one_line_exit_2(tmp_path, monkeypatch, capsys):

@@ -60,6 +60,11 @@ def make_run(root: Path, with_analyses: bool = True) -> tuple[Path, dict]:
         d = f"steps/{kind}-{len(steps):04d}"
         (root / d).mkdir(parents=True)
         (root / d / "done.json").write_text(json.dumps({"key": "k"}), "utf-8")
+        # The outputs a finished step of each kind leaves (an eval's are written by _eval).
+        output = {"prepare": "train.jsonl", "train": "adapter_config.json", "lens": "summary.json",
+                  "geometry": "summary.json"}.get(kind)
+        if output:
+            (root / d / output).write_text("{}\n", "utf-8")
         steps.append({"kind": kind, "label": label, "model": "tiny", "setting": setting, "task": task,
                       "key": f"k{len(steps)}", "dir": d, "status": "done", "seconds": 10.0 + len(steps)})
         return root / d
@@ -265,6 +270,22 @@ def test_partial_run_and_errors(tmp_path):
     assert "Incomplete run" in md and "sw ⇒ en" not in _table_rows(md, "model / setting")[1][0]
     with pytest.raises(PolyalignError, match="not a run folder"):
         build_report(tmp_path / "nothing")
+
+
+def test_a_step_whose_results_went_missing_is_reported_not_dropped(tmp_path):
+    """Before: the setting vanished from every table and the report said nothing."""
+    root, _ = make_run(tmp_path / "run", with_analyses=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    gone = next(s for s in manifest["steps"] if s["label"] == "eval zhde-en")
+    (root / gone["dir"] / "results.json").unlink()
+    cut = next(s for s in manifest["steps"] if s["label"] == "eval base")
+    text = (root / cut["dir"] / "results.json").read_text()
+    (root / cut["dir"] / "results.json").write_text(text[: len(text) // 2])        # truncated
+    build_report(root, bootstrap=200)
+    md = (root / "report.md").read_text()
+    assert "Incomplete run" in md and "Broken steps" in md
+    assert "eval zhde-en: results.json is missing or unreadable" in md
+    assert "eval base: results.json is missing or unreadable" in md
 
 
 def test_cli_report(tmp_path, capsys):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import requires_gemma, write_jsonl
 
@@ -242,6 +243,22 @@ def test_resume_gives_the_same_adapter(tmp_path, tiny_llama_path, data, monkeypa
         r.pop("seconds", None), c.pop("seconds", None)
         assert c == pytest.approx(r, rel=1e-6)
     assert res["final_eval_loss"] == pytest.approx(ref["final_eval_loss"], abs=1e-6)
+
+
+def test_a_finished_run_whose_adapter_went_missing_saves_it_again(tmp_path, tiny_llama_path, data):
+    """Before: summary.json alone made the run 'done', so `polyalign run` could never rebuild the adapter."""
+    from safetensors.torch import load_file
+
+    args = ("dtype=fp32", "max_steps=4", "batch_size=8", "micro_batch_size=4", "save_steps=2", "eval_steps=2")
+    out = tmp_path / "run"
+    T.train(_cfg(tiny_llama_path, data, out, *args))
+    before = load_file(str(out / "adapter_model.safetensors"))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / name).unlink()
+    res = T.train(_cfg(tiny_llama_path, data, out, *args, resume=True))
+    assert res["resumed_from"] == 2 and (out / "adapter_config.json").is_file()
+    after = load_file(str(out / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.slow
