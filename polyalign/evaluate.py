@@ -163,7 +163,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     check_lengths(cfg.batch_tokens, cfg.max_length)
     from .models import check_adapter, resolve_device, resolve_dtype
     device = str(state.device) if state and cfg.device == "auto" else cfg.device
-    resolve_dtype(cfg.dtype, resolve_device(device))  # --device cuda without CUDA, fp16 on a CPU: refused now
+    dev = resolve_device(device)  # --device cuda without CUDA, and fp16 on a CPU, are refused now
+    if cfg.dtype == "fp16":       # (other dtypes are resolved, and warned about, once, by load_model)
+        resolve_dtype(cfg.dtype, dev)
     if cfg.adapter:
         check_adapter(cfg.adapter)
     # Validate everything cheap before the model loads: prompts, label words, data.
