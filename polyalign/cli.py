@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"polyalign {args.command}: error: disk full while writing {e.filename or ''}; "
                   "free space and rerun to resume", file=sys.stderr)
             return 2
-        if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)) and e.filename:
-            print(f"polyalign {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        if e.filename:  # a file the user named or may fix (read-only, missing, not a folder, ...)
+            other = f" -> {e.filename2}" if e.filename2 else ""
+            message = " ".join(f"{e.strerror or e}: {e.filename}{other}".split())
+            print(f"polyalign {args.command}: error: {message}", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:

@@ -316,6 +316,16 @@ def _release(task: Task, langs: list[str], root: Path, trust_file_labels: bool) 
     return LoadedData(out, f"paper-release:{root}", issues)
 
 
+def _no_layout(task: Task, root: Path, release: str | None) -> str:
+    """What a --data folder was searched for, so that a wrong layout says which ones would work."""
+    tried = [f"{root / task.name}/<lang>.jsonl (polyalign's layout)",
+             f"{root}/dataset_dict.json or dataset_info.json (a `save_to_disk` folder)"]
+    if release:
+        tried.append(f"{root / release.format(lang='en')} (the paper's release)")
+    return (f"--data {root}: no {task.name} data in a known layout; looked for " + ", ".join(tried)
+            + "; or pass a file pattern with {lang}, e.g. DIR/{lang}.jsonl")
+
+
 def load_data(task: Task, langs: list[str], data: str | os.PathLike | None = None, limit: int | None = None,
               trust_file_labels: bool = False) -> LoadedData:
     """Load `langs` of `task` from `data` (None = bundled) and apply `limit` in parallel."""
@@ -337,6 +347,9 @@ def load_data(task: Task, langs: list[str], data: str | os.PathLike | None = Non
         elif (root / "dataset_dict.json").exists() or (root / "dataset_info.json").exists():
             loaded = LoadedData({lang: _hf(task, lang, str(root), len(need) > 1) for lang in need}, str(root))
         else:
+            release = (task.extra.get("release") or {}).get("file")
+            if not (release and (root / release.format(lang="en")).is_file()):
+                raise PolyalignError(_no_layout(task, root, release))
             loaded = _release(task, need, root, trust_file_labels)
     for lang, items in loaded.items.items():
         if not items:

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import hardware, languages
 from .data import load_data
 from .errors import PolyalignError
+from .prompts import check_lengths
 from .stats import wilson
 from .store import append_lines, check_fingerprint, content_hash, read_jsonl, write_json, write_jsonl
 from .tasks import LABEL_MODES, Task, parse_tasks
@@ -153,11 +154,21 @@ def evaluate(cfg: EvalConfig) -> dict:
     tasks: list[Task] = parse_tasks(cfg.tasks)
     langs = languages.parse_langs(cfg.langs)
     modes = [m.strip() for m in cfg.labels.split(",") if m.strip()]
+    if not modes:
+        raise PolyalignError(f"no label mode given (--labels): use {', '.join(LABEL_MODES)} (comma list allowed)")
     for m in modes:
         if m not in LABEL_MODES:
             raise PolyalignError(f"unknown label mode {m!r}; use {', '.join(LABEL_MODES)}")
     if cfg.limit is not None and cfg.limit <= 0:
         raise PolyalignError("--limit must be a positive number")
+    check_lengths(cfg.batch_tokens, cfg.max_length)
+    from .models import check_adapter, resolve_device, resolve_dtype
+    device = str(state.device) if state and cfg.device == "auto" else cfg.device
+    dev = resolve_device(device)  # --device cuda without CUDA, and fp16 on a CPU, are refused now
+    if cfg.dtype == "fp16":       # (other dtypes are resolved, and warned about, once, by load_model)
+        resolve_dtype(cfg.dtype, dev)
+    if cfg.adapter:
+        check_adapter(cfg.adapter)
     # Validate everything cheap before the model loads: prompts, label words, data.
     datasets, issues = {}, []
     for task in tasks:
@@ -166,6 +177,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                 task.label_words(lang, m)
             task.demo_prefix(lang, modes[0])
         loaded = load_data(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
+        for lang, items in loaded.items.items():
+            ids = [it["id"] for it in items]
+            if len(set(ids)) != len(ids):
+                twice = next(i for i in ids if ids.count(i) > 1)
+                raise PolyalignError(f"{task.name}/{lang}: item ids are not unique ({twice!r} appears twice)")
         datasets[task.name] = loaded.items
         issues += loaded.issues
     for line in issues:
@@ -183,10 +199,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     check_fingerprint(output, "run.json", settings, record=False)
 
     from .models import load_model
-    device = cfg.device
-    if state and device == "auto":
-        device = str(state.device)
-    lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter)
+    lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter, progress=cfg.progress and rank == 0)
     scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
     # Options that change scores in the last bits, as resolved: the batch budget (an item's matmuls
     # see its batch's rows; see README), and the device and dtype that `auto` chose.
@@ -216,8 +229,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     for task, mode, lang in plan:
         items = datasets[task.name][lang]
         ids = [it["id"] for it in items]
-        if len(set(ids)) != len(ids):
-            raise PolyalignError(f"{task.name}/{lang}: item ids are not unique")
         path = sample_path(output, task.name, mode, lang)
         mine = path if world == 1 else path.with_name(f"{lang}.rank{rank}.jsonl")
         done = {s["id"] for s in read_jsonl(path, repair=world == 1)}
@@ -243,7 +254,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                     p = group.items[i]
                     if p.item["id"] in done:
                         continue
-                    pred, tied = decide(res["scores"])
+                    where = f"{task.name}/{mode}/{lang} item {p.item['id']!r}"
+                    pred, tied = decide(res["scores"], where)
                     rec = {"id": p.item["id"], "task": task.name, "lang": lang, "labels": mode,
                            "prompt": p.text, "choices": words, "scores": res["scores"],
                            "pred": task.classes[pred], "gold": p.item["label"],
@@ -251,7 +263,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                            "truncated": p.truncated}
                     if "scores_per_byte" in res:
                         rec["scores_per_byte"] = res["scores_per_byte"]
-                        rec["pred_byte"] = task.classes[decide(res["scores_per_byte"])[0]]
+                        rec["pred_byte"] = task.classes[decide(res["scores_per_byte"], where)[0]]
                     records.append(rec)
                     scored_tokens += len(scorer.rows(group, p)[0])
                 append_lines(mine, records)

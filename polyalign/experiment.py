@@ -415,6 +415,7 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
         _check_train_keys(m.train, f"model {m.label}: train")
     for s in settings:
         _check_train_keys(s.train, f"setting {s.name}: train")
+    _check_train_values(top["train"], models, settings)
 
     # ---- analyses
     an = _check_keys(top["analyses"] or {}, DEFAULTS["analyses"], "analyses")
@@ -524,6 +525,24 @@ def _check_train_keys(overrides: dict, where: str) -> None:
     for key in overrides:
         if key not in fields_:
             raise PolyalignError(f"{where}: unknown training option {key!r}{_nearest(key, fields_)}")
+
+
+def _check_train_values(common: dict, models: list, settings: list) -> None:
+    """Every train step's options parsed and range-checked as `polyalign train` will (types, ranges), so
+    that `lr: fast` fails at load time and not after the base evaluation. Settings override models,
+    which override the file's `train:` (as plan() merges them)."""
+    try:
+        train = importlib.import_module("polyalign.train")
+    except ImportError:
+        return
+    def where(m, s) -> str:
+        return f"setting {s.name}: train" if s.train else f"model {m.label}: train" if m.train else "train"
+    combos = [("train", common)] + [(where(m, s), {**common, **m.train, **s.train}) for m in models for s in settings]
+    for where, overrides in combos:
+        try:
+            train.resolve_config(train.TrainConfig(overrides=_kv(overrides)))
+        except PolyalignError as e:
+            raise PolyalignError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- steps
@@ -896,6 +915,8 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
             status[st.key]["problem"] = problem   # marked done once, its outputs broken since: run it again
     n = len(steps)
     if dry_run:
+        for m in exp.models:
+            check_model(m.name, hub=False)  # a missing local folder; the hub is asked only by a real run
         for i, st in enumerate(steps, 1):
             problem = status[st.key].get("problem")
             print(f"[{i}/{n}] {st.label:<40} {status[st.key]['status']:<8} {st.folder(run)}"
@@ -1055,29 +1076,37 @@ def _parse_check(argv: list[str], where: str) -> None:
     parser.parse_args(argv[1:])
 
 
-def check_model(name: str) -> None:
-    """Fail early (one line, exit 2) when a model cannot be found; loading errors surface in the step."""
+def check_model(name: str, hub: bool = True) -> None:
+    """Fail early (one line, exit 2) when a model cannot be found; loading errors surface in the step.
+    With hub=False only local folders are checked."""
     from .models import DEFAULT_MODEL
     if name == DEFAULT_MODEL:
         return
-    p = Path(name)
+    p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
             raise PolyalignError(f"model folder {name} has no config.json")
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PolyalignError(f"model folder not found: {name}")
+    if not hub:
+        return
     import logging
 
     from transformers import AutoConfig
+
+    from .hf import hub_reachable
+    offline = not hub_reachable()   # then the local cache only, at once (not a minute of retries)
 
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)   # no retry chatter: the error below is the one line
     try:
-        AutoConfig.from_pretrained(name)
+        AutoConfig.from_pretrained(name, local_files_only=offline)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if offline:
+            first = "not in the local Hugging Face cache, and the hub cannot be reached (offline)"
         raise PolyalignError(f"cannot load model {name!r}: {first[:200]}") from None
     finally:
         hub_log.setLevel(level)

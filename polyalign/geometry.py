@@ -28,7 +28,7 @@ import torch
 
 from . import languages
 from .errors import PolyalignError
-from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_mode,
+from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_lengths, check_mode,
                    config_from_args, load_items, model_specs, prepare_prompts, prompt_texts, release_memory,
                    write_csv, write_npz)
 from .store import content_hash, write_json
@@ -266,6 +266,7 @@ def run_geometry(cfg: GeometryConfig) -> dict:
     task = load_task(cfg.task)
     langs = languages.parse_langs(cfg.langs)
     check_mode(cfg.labels)
+    check_lengths(cfg.batch_tokens, cfg.max_length)
     if cfg.pooling not in POOLINGS:
         raise PolyalignError(f"unknown pooling {cfg.pooling!r}; use {', '.join(POOLINGS)}")
     if cfg.center not in CENTERS:
@@ -318,7 +319,7 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         from .models import load_model
         from .runner import PrefixRunner, max_context
         t0 = time.perf_counter()
-        lm = load_model(s.model, cfg.dtype, cfg.device, s.adapter)
+        lm = load_model(s.model, cfg.dtype, cfg.device, s.adapter, progress=cfg.progress)
         runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
         limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
         for lang in mine:

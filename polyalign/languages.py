@@ -45,7 +45,9 @@ def parse_langs(spec: str | list[str] | None) -> list[str]:
         return list(HIGH)
     if spec == "low":
         return list(LOW)
-    codes = [c.strip() for c in spec.split(",")] if isinstance(spec, str) else list(spec)
+    codes = [c.strip() for c in spec.split(",") if c.strip()] if isinstance(spec, str) else list(spec)
+    if not codes:
+        raise PolyalignError("no language given: use all, high, low or a comma list such as en,de")
     for c in codes:
         get(c)
     return codes

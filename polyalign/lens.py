@@ -39,7 +39,7 @@ import torch
 from . import languages
 from .errors import PolyalignError
 from .store import content_hash, write_atomic, write_json
-from .prompts import Prompt, PromptSet, batch_groups, prepare_prompts  # noqa: F401 (re-exported)
+from .prompts import Prompt, PromptSet, batch_groups, check_lengths, prepare_prompts  # noqa: F401 (re-exported)
 from .tasks import LABEL_MODES, Task, load_task
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
@@ -399,6 +399,7 @@ def run_lens(cfg: LensConfig) -> dict:
     task = load_task(cfg.task)
     langs = languages.parse_langs(cfg.langs)
     check_mode(cfg.labels)
+    check_lengths(cfg.batch_tokens, cfg.max_length)
     for lang in langs:  # cheap checks before any model loads
         task.demo_prefix(lang, cfg.labels)
         task.label_words(lang, "native")
@@ -433,7 +434,7 @@ def run_lens(cfg: LensConfig) -> dict:
         info = {"label": spec.label, "model": spec.model, "adapter": spec.adapter,
                 "cached_langs": sorted(results[spec.label])}
         if spec in todo:
-            lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter)
+            lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
             runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
             limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
             t0 = time.perf_counter()

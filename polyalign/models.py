@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = None
     if dev is None or dev.type not in {"cpu", "cuda", "mps"}:
         raise PolyalignError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PolyalignError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                             "use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PolyalignError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PolyalignError(f"--device {device}: MPS is not available here; use --device cpu or auto")
     return dev
 
 
@@ -53,6 +61,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cpu" and hardware.native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise PolyalignError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    if dtype == "fp16" and device.type == "cpu":
+        # CPU fp16 kernels overflow here (NaN/inf scores, e.g. with Gemma); bf16 has fp32's range.
+        raise PolyalignError("--dtype fp16 is not supported on a CPU (its scores overflow to NaN/inf); "
+                             "use bf16, fp32 or auto")
     if dtype == "bf16" and device.type == "cpu" and not hardware.native_bf16():
         log.warning("bf16 on this CPU (%s) is emulated and can be 100x slower than fp32; "
                     "--dtype auto picks fp32 here", hardware.cpu_class())
@@ -181,26 +193,56 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
-               adapter: str | None = None) -> LoadedModel:
+               adapter: str | None = None, progress: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer; `adapter` adds a PEFT LoRA without merging it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hf import hub_reachable, progress_bars
 
     started = time.time()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if adapter:
+        check_adapter(adapter)
     path = resolve_model_path(name)
+    # A hub id without a network: the local cache only, at once (not a minute of retries).
+    offline = path == name and not Path(name).exists() and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        with progress_bars(progress):
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=offline)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if offline:
+            first = "not in the local Hugging Face cache, and the hub cannot be reached (offline)"
         raise PolyalignError(f"cannot load model {name!r}: {first}") from e
     if adapter:
-        if not Path(adapter, "adapter_config.json").exists():
-            raise PolyalignError(f"no PEFT adapter at {adapter!r} (adapter_config.json missing)")
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter)
+        try:
+            with progress_bars(progress):
+                model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise PolyalignError(f"cannot load the adapter {adapter}: {first[:200]}") from None
     model.to(dev).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, name, dev, torch_dtype, time.time() - started, adapter)
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter(adapter: str) -> None:
+    """A PEFT adapter folder: a LoRA adapter_config.json and its weights (checked before the base loads)."""
+    config = Path(adapter, "adapter_config.json")
+    if not config.exists():
+        raise PolyalignError(f"no PEFT adapter at {adapter!r} (adapter_config.json missing)")
+    try:
+        raw = json.loads(config.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PolyalignError(f"{config}: malformed JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(raw, dict) or not raw.get("peft_type"):
+        raise PolyalignError(f"{config} is not a PEFT adapter config (no peft_type)")
+    if not any(Path(adapter, w).is_file() for w in ADAPTER_WEIGHTS):
+        raise PolyalignError(f"the adapter {adapter} has no weights ({' or '.join(ADAPTER_WEIGHTS)})")

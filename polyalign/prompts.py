@@ -38,6 +38,13 @@ class PromptSet:
     prompts: list[Prompt]
 
 
+def check_lengths(batch_tokens: int | None, max_length: int | None) -> None:
+    """--batch-tokens and --max-length are token counts: unset (None) or positive, never silently 0."""
+    for flag, value in (("--batch-tokens", batch_tokens), ("--max-length", max_length)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise PolyalignError(f"{flag} must be a positive number of tokens, got {value!r}")
+
+
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):

@@ -227,7 +227,16 @@ def _load_eval(step: dict, run: Path, scoring: str) -> EvalRun | None:
     res_path = folder / "results.json"
     if not res_path.exists():
         return None
-    results = json.loads(res_path.read_text("utf-8"))
+    try:
+        results = json.loads(res_path.read_text("utf-8"))
+        problem = None if isinstance(results, dict) and isinstance(results.get("rows", []), list) else \
+            "not an evaluation's results (no object with `rows`)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problem = f"malformed JSON ({getattr(e, 'msg', e)})"
+    if problem:
+        # Without done.json the step reruns, resuming from its samples, and rewrites results.json.
+        raise PolyalignError(f"{res_path}: {problem}; delete {folder / 'done.json'} and rerun `polyalign run` "
+                             "to rebuild it from its samples")
     outcomes = {}
     for row in results.get("rows", []):
         if row.get("task") != step["task"]:

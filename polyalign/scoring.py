@@ -10,6 +10,7 @@ apart at the first differing position (labels.LabelPlan).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,12 @@ class Scorer:
         return sums
 
 
-def decide(scores: list[float]) -> tuple[int, bool]:
-    """Argmax with ties broken towards the first class (deterministic); returns (index, tied)."""
+def decide(scores: list[float], where: str = "an item") -> tuple[int, bool]:
+    """Argmax with ties broken towards the first class (deterministic); returns (index, tied).
+    A NaN score (the model's numbers overflowed) is refused: it would make any class the prediction."""
+    if any(math.isnan(s) for s in scores):
+        raise PolyalignError(f"{where}: the model gave a NaN score ({scores}); its numbers overflowed in this "
+                             "dtype; try --dtype fp32 or bf16")
     best = max(scores)
     winners = [i for i, s in enumerate(scores) if s == best]
     return winners[0], len(winners) > 1

@@ -38,6 +38,7 @@ class Task:
     languages: dict[str, LangSpec]
     separator: str = "\n"
     close: str = '"'
+    cue: str = '"'        # every template ends with it: the model answers right after it
     description: str = ""
     path: str = ""
     extra: dict = field(default_factory=dict)
@@ -80,36 +81,123 @@ class Task:
         return self.demo_prefix(lang, mode) + self.query(lang, item)
 
 
-def _parse(raw: dict, path: str) -> Task:
-    where = f"task file {path}"
+def _names(value, what: str) -> list[str]:
+    """A non-empty list of distinct names (YAML may give numbers; they are names too)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                                         and str(v) for v in value):
+        raise ValueError(f"{what} must be a list of names, got {value!r}")
+    names = [str(v) for v in value]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} lists a name twice: {names}")
+    return names
+
+
+def _words(value, classes: list[str], what: str) -> dict[str, str]:
+    """class -> label word, one non-empty word for every class."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must map each class to its label word, got {value!r}")
+    words = {str(k): v for k, v in value.items()}
+    if set(words) != set(classes):
+        raise ValueError(f"{what} covers {sorted(words)}, classes are {classes}")
+    bad = [k for k, v in words.items() if not isinstance(v, (str, int)) or isinstance(v, bool) or not str(v)]
+    if bad:
+        raise ValueError(f"{what}: the word for {bad[0]} must be text, got {words[bad[0]]!r}")
+    return {k: str(v) for k, v in words.items()}
+
+
+def check_template(template, fields_: list[str], cue: str) -> None:
+    """A template is text whose placeholders are exactly the task's fields, ending with the answer cue
+    (the demos render as template + label word + close, and the query stops at the cue)."""
+    if not isinstance(template, str):
+        raise ValueError(f"the template must be text, got {template!r}")
     try:
-        name, classes, fields_ = raw["name"], list(raw["classes"]), list(raw["fields"])
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:  # "{review" and the like
+        raise ValueError(f"template {template!r} is malformed ({e}); write a literal brace as {{{{ or }}}}") from None
+    used = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in fields_:
+            raise ValueError(f"placeholder {{{name}}} in template {template!r} names no field of the task "
+                             f"(fields: {', '.join(fields_)})")
+        if conversion or spec:
+            raise ValueError(f"placeholder {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}} in template {template!r}: "
+                             f"use a plain {{{name}}}")
+        used.add(name)
+    if used != set(fields_):
+        raise ValueError(f"template {template!r} uses {sorted(used)}, task fields are {fields_}")
+    tail = parts[-1] if parts else ("", None, None, None)
+    if tail[1] is not None or not tail[0].endswith(cue):
+        raise ValueError(f"template {template!r} does not end with the answer cue {cue!r} (the model "
+                         f"answers right after it; set `cue:` if the task uses another)")
+
+
+def _demos(value, fields_: list[str], classes: list[str]) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"demos must be a list of {{label, {', '.join(fields_)}}} mappings, got {value!r}")
+    for i, d in enumerate(value, 1):
+        if not isinstance(d, dict):
+            raise ValueError(f"demo {i} must be a mapping {{label, {', '.join(fields_)}}}, got {d!r}")
+        if d.get("label") not in classes:
+            raise ValueError(f"demo {i} has label {d.get('label')!r}, not one of the classes {classes}")
+        for f in fields_:
+            if not isinstance(d.get(f), str):
+                raise ValueError(f"demo {i} field {f!r} must be text, got {d.get(f)!r}")
+    return list(value)
+
+
+def _text(raw: dict, key: str, default: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be text, got {value!r}")
+    return value
+
+
+def _parse(raw: dict, path: str) -> Task:
+    """The task file checked whole: every problem is one line naming the file and the problem."""
+    where = f"task file {path}"
+    missing = [k for k in ("name", "classes", "fields") if k not in raw]
+    if missing:
+        raise PolyalignError(f"{where}: missing key {missing[0]!r}")
+    try:
+        name = raw["name"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be text, got {name!r}")
+        classes = _names(raw["classes"], "classes")
+        if len(classes) < 2:
+            raise ValueError(f"classes must name at least two classes, got {classes}")
+        fields_ = _names(raw["fields"], "fields")
+        shots = raw.get("shots", 0)
+        if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+            raise ValueError(f"shots must be a whole number, got {shots!r}")
+        separator, close, cue = _text(raw, "separator", "\n"), _text(raw, "close", '"'), _text(raw, "cue", '"')
+        if not isinstance(raw.get("labels") or {}, dict):
+            raise ValueError(f"labels must map each label mode to its words, got {raw['labels']!r}")
+        labels = {str(m): _words(words, classes, f"label mode {m}") for m, words in (raw.get("labels") or {}).items()}
+        if not isinstance(raw.get("languages") or {}, dict):
+            raise ValueError(f"languages must map each language code to its template, got {raw['languages']!r}")
         langs = {}
         for code, spec in (raw.get("languages") or {}).items():
             code = str(code)
-            tmpl = spec["template"]
-            used = {f for _, f, _, _ in string.Formatter().parse(tmpl) if f}
-            if used != set(fields_):
-                raise PolyalignError(f"{where}: {code} template uses {sorted(used)}, task fields are {fields_}")
-            native = {str(k): str(v) for k, v in (spec.get("native") or {}).items()}
-            if native and set(native) != set(classes):
-                raise PolyalignError(f"{where}: {code} native labels {sorted(native)} != classes {classes}")
-            demos = list(spec.get("demos") or [])
-            for d in demos:
-                if d.get("label") not in classes or any(f not in d for f in fields_):
-                    raise PolyalignError(f"{where}: {code} has a demo without {fields_} or a valid label: {d}")
-            langs[code] = LangSpec(tmpl, native, demos)
-        labels = {str(m): {str(k): str(v) for k, v in words.items()} for m, words in (raw.get("labels") or {}).items()}
-        for mode, words in labels.items():
-            if set(words) != set(classes):
-                raise PolyalignError(f"{where}: label mode {mode} covers {sorted(words)}, classes are {classes}")
-        known = {"name", "shots", "fields", "classes", "labels", "languages", "separator", "close", "description"}
-        return Task(name=name, shots=int(raw.get("shots", 0)), fields=fields_, classes=classes, labels=labels,
-                    languages=langs, separator=raw.get("separator", "\n"), close=raw.get("close", '"'),
-                    description=raw.get("description", ""), path=path,
-                    extra={k: v for k, v in raw.items() if k not in known})
-    except KeyError as e:
-        raise PolyalignError(f"{where}: missing key {e.args[0]!r}") from None
+            try:
+                if not isinstance(spec, dict) or "template" not in spec:
+                    raise ValueError(f"must be a mapping with a template, got {spec!r}")
+                check_template(spec["template"], fields_, cue)
+                native = _words(spec["native"], classes, "native labels") if spec.get("native") else {}
+                langs[code] = LangSpec(spec["template"], native, _demos(spec.get("demos"), fields_, classes))
+            except ValueError as e:
+                raise ValueError(f"language {code}: {e}") from None
+    except ValueError as e:
+        raise PolyalignError(f"{where}: {e}") from None
+    known = {"name", "shots", "fields", "classes", "labels", "languages", "separator", "close", "cue",
+             "description"}
+    return Task(name=name, shots=shots, fields=fields_, classes=classes, labels=labels, languages=langs,
+                separator=separator, close=close, cue=cue, description=str(raw.get("description") or ""),
+                path=path, extra={k: v for k, v in raw.items() if k not in known})
 
 
 def bundled_task_names() -> list[str]:
@@ -141,4 +229,8 @@ def load_task(name_or_path: str) -> Task:
 
 
 def parse_tasks(spec: str) -> list[Task]:
-    return [load_task(t.strip()) for t in spec.split(",") if t.strip()]
+    tasks = [load_task(t.strip()) for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise PolyalignError(f"no task given: name one or more of {', '.join(bundled_task_names())}, "
+                             "or task YAML paths, separated by commas")
+    return tasks

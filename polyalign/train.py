@@ -559,7 +559,8 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
     device = accelerator.device
     wall_start = time.time()
 
-    lm = load_model(hp["model"], {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), str(device))
+    lm = load_model(hp["model"], {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), str(device),
+                    progress=cfg.progress)
     tok = lm.tokenizer
     if tok.eos_token_id is None:
         raise PolyalignError(f"model {hp['model']!r} has no eos token; cannot end the targets")
@@ -900,7 +901,9 @@ def _merge_in_place(peft_model, tokenizer, out: Path) -> None:
 
 def _merge_saved(out: Path, hp: dict) -> None:
     from .models import load_model
-    lm = load_model(hp["model"], "auto" if hp["dtype"] == "auto" else hp["dtype"], "cpu", adapter=str(out))
+    # The merge runs on the CPU, which refuses fp16: an fp16 run merges in fp32.
+    lm = load_model(hp["model"], "fp32" if hp["dtype"] == "fp16" else hp["dtype"], "cpu", adapter=str(out),
+                    progress=False)
     _merge_in_place(lm.model, lm.tokenizer, out)
 
 

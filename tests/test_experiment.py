@@ -472,3 +472,64 @@ def test_real_commands_end_to_end(tmp_path, tiny_llama_path, monkeypatch):
     assert "zh/de ⇒ en" in md and "| en | zh | Avg |" in md.replace("model / setting | ", "")
     if "train" in real:
         assert "## Training" in md and (run / manifest["steps"][2]["dir"] / "train_log.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- issue 14: found at load time
+@pytest.mark.parametrize("where, train, pattern", [
+    ("top", {"lr": "fast"}, r"^train: setting lr: expected a number, got 'fast'"),
+    ("top", {"max_steps": 2.5}, r"^train: setting max_steps: expected a whole number"),
+    ("top", {"max_steps": -1}, r"^train: max_steps must be 0 \(off\) or positive"),
+    ("setting", {"lr": "fast"}, r"^setting zhde-en: train: setting lr: expected a number"),
+    ("model", {"warmup_ratio": 1.5}, r"^model tiny: train: warmup_ratio must be in \[0, 1\)"),
+])
+def test_bad_training_values_fail_at_load_time(tmp_path, capsys, where, train, pattern):
+    """They passed validation and --dry-run and failed only at the train step, after the base evaluation."""
+    from polyalign import cli
+
+    raw = base_raw(output=str(tmp_path / "run"))
+    if where == "top":
+        raw["train"] = {**raw["train"], **train}
+    elif where == "setting":
+        raw["settings"][0]["train"] = train
+    else:
+        raw["model"] = {"name": "tiny", "train": train}
+    with pytest.raises(PolyalignError, match=pattern):
+        validate(raw)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw), "utf-8")
+    assert cli.main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_good_training_values_still_pass():
+    raw = base_raw(train={"lr": "1e-4", "max_steps": 3, "lora_target": ["q_proj"], "gradient_checkpointing": True})
+    raw["settings"][1]["train"] = {"epochs": 0.5}
+    validate(raw)
+
+
+def test_dry_run_fails_on_a_missing_model_folder(tmp_path, capsys):
+    from polyalign import cli
+
+    raw = base_raw(output=str(tmp_path / "run"), model=str(tmp_path / "no-such-model"))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw), "utf-8")
+    assert cli.main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model folder not found" in err and "no-such-model" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_hub_model_offline_is_quick(monkeypatch):
+    """The preflight asks the hub; without a network it asks the local cache alone, at once."""
+    import time
+
+    import transformers  # noqa: F401 - its import alone takes seconds
+
+    from polyalign import hf
+    monkeypatch.setattr(hf, "hub_reachable", lambda timeout=3.0: False)
+    started = time.time()
+    with pytest.raises(PolyalignError, match=r"cannot load model 'polyalign-no-such-org/no-such-model-0'.*offline"):
+        X.check_model("polyalign-no-such-org/no-such-model-0")
+    assert time.time() - started < 10

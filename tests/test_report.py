@@ -400,3 +400,17 @@ def test_clustered_bootstrap_keeps_translations_together():
     assert (hi - lo) > 2.5 * (shi - slo)
     with pytest.raises(ValueError):
         paired_bootstrap_delta([a, a[:10]], [b, b[:10]], clustered=True)
+
+
+@pytest.mark.parametrize("content", ['{"rows": [{"task": "amazon', "", "[]"], ids=["truncated", "empty", "list"])
+def test_damaged_results_json_is_one_line(tmp_path, capsys, content):
+    from polyalign import cli
+
+    root, _ = make_run(tmp_path / "run", with_analyses=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    res = root / next(s["dir"] for s in manifest["steps"] if s["kind"] == "eval") / "results.json"
+    res.write_text(content, "utf-8")
+    assert cli.main(["report", str(root), "--bootstrap", "200"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(res) in err and "done.json" in err
