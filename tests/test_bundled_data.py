@@ -317,3 +317,93 @@ def test_pool_has_no_near_copies_of_eval_items(task):
                 if n >= 6 and len(c & h) / n >= 0.6:
                     close.append(f"{r['id']} ~ {where}")
     assert not close, f"questions/{task}/en paraphrases held-out items: {close}"
+
+
+# ----- template punctuation, the data card's tables, the bilingual review -------------------------
+# A template line is a bare placeholder or "<field name>: " and then a placeholder or the answer cue.
+TEMPLATE_LINE = re.compile(r'\{[a-z_0-9]+\}|[^:：{}"]+: (\{[a-z_0-9]+\}|")')
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_templates_use_one_colon_convention(task):
+    """Field names take an ASCII colon and a space in every language and task (zh/ja included), so a
+    language's prompts do not switch punctuation from one task to the next (DATA.md says why ASCII)."""
+    t = load_task(task)
+    bad = [(lang, line) for lang, spec in t.languages.items() for line in spec.template.split("\n")
+           if not TEMPLATE_LINE.fullmatch(line)]
+    assert not bad, f"{task}: template lines off the `Name: ` convention: {bad[:4]}"
+
+
+def _card_tables() -> dict[str, dict[str, list[str]]]:
+    """DATA.md's native-word tables: task -> lang -> [field names..., label words in class order]."""
+    text = (RES.parents[1] / "DATA.md").read_text("utf-8")
+    out, task = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\*\*(\w+)\*\* \(template", line)
+        if m:
+            task = m.group(1)
+            out[task] = {}
+        elif task and line.startswith("| ") and not line.startswith(("| lang", "|---")):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[task][cells[0]] = [*cells[1].split(" / "), *cells[2:]]
+        elif task and line.startswith("#"):
+            task = None
+    return out
+
+
+def test_data_card_tables_match_the_task_files():
+    """DATA.md's field names and native label words are the task files' (the files are the authority)."""
+    tables = _card_tables()
+    assert set(tables) == set(TASKS)
+    for task in TASKS:
+        t = load_task(task)
+        assert set(tables[task]) == set(LANGS), task
+        for lang in LANGS:
+            spec = t.languages[lang]
+            names = [line.split(": ")[0].strip() for line in spec.template.split("\n") if ": " in line]
+            assert tables[task][lang] == names + [spec.native[c] for c in t.classes], f"DATA.md {task}/{lang}"
+
+
+# What the bilingual review of issue 14 flagged: (task, lang, where, wording that must not come back).
+# `where` is an item id, "template", "native" or "demo".
+REVIEWED = [
+    ("amazon_polarity", "ms", "ap-0021", "tembaga dan"),
+    ("amazon_polarity", "ms", "ap-0032", "Tanjakan"),
+    ("snli", "ms", "snli-0027", "tanjakan"),
+    ("snli", "ms", "snli-0023", "mendahului"),
+    ("amazon_polarity", "is", "ap-0001", "leitarsjónaukinn var"),
+    ("amazon_polarity", "is", "ap-0025", "Frábær hnífabrýni"),
+    ("amazon_polarity", "is", "ap-0041", "byrjendasett"),
+    ("amazon_polarity", "is", "ap-0048", "röngum megin"),
+    ("amazon_polarity", "sl", "ap-0014", "diši"),
+    ("amazon_polarity", "sl", "demo", "končajo v kadi"),
+    ("amazon_polarity", "sw", "ap-0004", "bahati nasibu"),
+    ("amazon_polarity", "sw", "ap-0010", "haunenepi"),
+    ("amazon_polarity", "sw", "ap-0016", "moja ya vijiti vyake lilivunjika"),
+    ("amazon_polarity", "zh", "ap-0020", "第一次用铰链"),
+    ("amazon_polarity", "hi", "ap-0034", "पियानो के सुरलिपि"),
+    ("snli", "ja", "snli-0012", "ソフトクリームのコーン"),
+    ("snli", "zh", "demo", "一位老人"),
+    ("snli", "bn", "template", "অনুমান"),
+    ("snli", "bn", "native", "অনুসিদ্ধান্ত"),
+    ("snli", "bn", "native", "বিরোধ"),
+    ("snli", "ru", "native", "нейтрально"),    # an adverb among nouns
+    ("snli", "sw", "native", "haijulikani"),   # a clause among nouns
+]
+
+
+@pytest.mark.parametrize("task,lang,where,wording", REVIEWED)
+def test_reviewed_wording_stays_fixed(task, lang, where, wording):
+    t = load_task(task)
+    spec = t.languages[lang]
+    if where == "template":
+        texts = [spec.template]
+    elif where == "native":
+        texts = list(spec.native.values())
+    elif where == "demo":
+        texts = [d[f] for d in spec.demos for f in t.fields]
+    else:
+        texts = [r[f] for r in eval_rows(task, lang) if r["id"] == where for f in t.fields]
+        assert texts, f"{task}/{lang}: no item {where}"
+    hits = [s for s in texts if (s == wording if where == "native" else wording in s)]
+    assert not hits, f"{task}/{lang} {where}: the review's {wording!r} is back: {hits[0]}"

@@ -96,3 +96,40 @@ def test_gemma_bf16_scores_are_the_naive_loops_to_the_bit(shared_data):
         got = score_all(scorer, group)
         for i, p in enumerate(group.items):
             assert got[i] == naive_scores(lm.model, lm.tokenizer, group.plan, p.text, "paper"), (lang, i)
+
+
+# Label sets whose words begin alike in the language itself; their shared tokens are reported in
+# `label_overlaps`. Anything else sharing a token beyond the byte-fallback ones is a defect.
+KNOWN_SHARED = {("snli", "sl", "native"): "posledica / protislovje both begin with p"}
+
+
+def test_bundled_label_words_are_told_apart_by_gemma():
+    """Under Gemma-3's tokenizer every bundled label set (task x language x mode) differs at its first
+    scored token, and two classes' paper token sets share only byte-fallback tokens (the first UTF-8
+    byte every word of a script shares), outside KNOWN_SHARED. The sw snli words hitimisho/haijulikani
+    used to share their h tokens."""
+    from transformers import AutoTokenizer
+
+    from polyalign.labels import label_plan
+    from polyalign.models import embedded_gemma_path
+    from polyalign.tasks import bundled_task_names, load_task
+
+    tok = AutoTokenizer.from_pretrained(embedded_gemma_path())
+    byte_ids = {i for t, i in tok.get_vocab().items() if len(t) == 6 and t.startswith("<0x")}
+    bad, seen = [], set()
+    for name in bundled_task_names():
+        task = load_task(name)
+        for lang in task.languages:
+            for mode in ("english", "native", "agnostic"):
+                words = tuple(task.label_words(lang, mode)[c] for c in task.classes)
+                if words in seen:  # english and agnostic words recur in every language
+                    continue
+                seen.add(words)
+                plan = label_plan(tok, task.classes, list(words))
+                if len(set(plan.first)) < len(plan.first):
+                    bad.append(f"{name}/{lang}/{mode}: two classes start with the same token")
+                shared = [(a, b, set(ids) - byte_ids) for a, b, ids in plan.overlaps if set(ids) - byte_ids]
+                if shared and (name, lang, mode) not in KNOWN_SHARED:
+                    bad.append(f"{name}/{lang}/{mode}: {shared[0][0]}/{shared[0][1]} share "
+                               f"{tok.convert_ids_to_tokens(sorted(shared[0][2]))}")
+    assert not bad, bad
