@@ -329,6 +329,20 @@ def _float(x) -> float | None:
 
 
 # ----------------------------------------------------------------------------- the report
+def broken_steps(run: Path, steps: list[dict]) -> dict[str, tuple[Path, str]]:
+    """label -> (folder, problem) of the finished steps whose outputs are missing or do not parse: a
+    step is done only while they are there (a deleted results.json would otherwise drop its setting
+    from every table without a word)."""
+    from .experiment import outputs_problem
+    out = {}
+    for s in steps:
+        if s.get("status") == "done" or (run / s["dir"] / "done.json").exists():
+            problem = outputs_problem(s["kind"], run / s["dir"])
+            if problem:
+                out[s["label"]] = (run / s["dir"], problem)
+    return out
+
+
 def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None) -> Path:
     run = Path(run_dir)
     mpath = run / "manifest.json"
@@ -350,18 +364,11 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     setting_order = [s["name"] for s in manifest.get("settings", [])]
     models = [m["label"] for m in manifest.get("models", [])]
     steps = manifest.get("steps", [])
-    from .experiment import outputs_problem
-    done, broken = [], {}
-    for s in steps:
-        if s.get("status") == "done" or (run / s["dir"] / "done.json").exists():
-            # A step is done only while its outputs are there and parse (a deleted results.json
-            # would otherwise drop its setting from every table without a word).
-            problem = outputs_problem(s["kind"], run / s["dir"])
-            if problem:
-                broken[s["label"]] = problem
-                log.warning("%s: %s; rerun `polyalign run` to rebuild it", s["label"], problem)
-            else:
-                done.append(s)
+    broken = {label: problem for label, (_, problem) in broken_steps(run, steps).items()}
+    for label, problem in broken.items():
+        log.warning("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
+    done = [s for s in steps if s["label"] not in broken
+            and (s.get("status") == "done" or (run / s["dir"] / "done.json").exists())]
     pending = [s for s in steps if s not in done]
     ev_cfg = manifest.get("eval") or {}
     scoring = ev_cfg.get("scoring", "paper")
@@ -870,3 +877,10 @@ def main(args: argparse.Namespace) -> None:
     out = build_report(args.run_dir, args.bootstrap, args.seed)
     print(f"report: {Path(args.run_dir) / 'report.md'}")
     print(str(out))
+    run = Path(args.run_dir)
+    broken = broken_steps(run, json.loads((run / "manifest.json").read_text("utf-8")).get("steps", []))
+    if broken:     # the report is written (it lists them), but a damaged run is not a success
+        label, (folder, problem) = next(iter(broken.items()))
+        raise PolyalignError(f"{label}: {problem} in {folder} (the report leaves it out); rerun `polyalign run` "
+                             f"to rebuild it, or delete its done.json" + (f"; {len(broken) - 1} more broken step(s)"
+                                                                          if len(broken) > 1 else ""))

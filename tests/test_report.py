@@ -413,4 +413,4 @@ def test_damaged_results_json_is_one_line(tmp_path, capsys, content):
     assert cli.main(["report", str(root), "--bootstrap", "200"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert str(res) in err and "done.json" in err
+    assert str(res.parent) in err and "results.json" in err and "done.json" in err
