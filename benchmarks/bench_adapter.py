@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from polyalign import hardware
-from polyalign.evaluate import EvalConfig, evaluate
-from polyalign.prepare import PrepareConfig, prepare
-from polyalign.train import TrainConfig, train
+from polyalign.evaluation.evaluate import EvalConfig, evaluate
+from polyalign.training.prepare import PrepareConfig, prepare
+from polyalign.training.train import TrainConfig, train
 
 
 def cli_eval(out: Path, langs: str, dtype: str, adapter: str | None) -> dict:

@@ -30,8 +30,8 @@ import torch
 from polyalign import languages
 from polyalign.data import load_data
 from polyalign.models import load_model
-from polyalign.runner import unwrap
-from polyalign.scoring import Scorer, decide, naive_scores
+from polyalign.engine.model_parts import unwrap
+from polyalign.evaluation.scoring import Scorer, decide, naive_scores
 from polyalign.tasks import load_task
 
 

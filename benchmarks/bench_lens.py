@@ -5,7 +5,7 @@
 
 plain   = what the evaluator does: the demos' KV cache once per language, items batched and
           right-padded, the head applied at the answer position only, softmax, the paper's sets.
-lens    = `polyalign.lens.run_group`: the same forward with every layer's hidden states, the final
+lens    = `polyalign.analysis.lens.run_group`: the same forward with every layer's hidden states, the final
           norm and the head at the answer position of every layer (L+1 rows per item), softmax,
           entropy and the token-set sums.
 forward = the lens' forward pass alone (hidden states on, no unembedding): where the lens' time goes.
@@ -25,9 +25,10 @@ import torch
 
 from polyalign import languages
 from polyalign.data import load_data
-from polyalign.lens import batch_groups, lens_sets, prepare_prompts, run_group
+from polyalign.analysis.lens import batch_groups, lens_sets, prepare_prompts, run_group
 from polyalign.models import load_model
-from polyalign.runner import PrefixRunner, max_context, unembed, unwrap
+from polyalign.engine.runner import PrefixRunner
+from polyalign.engine.model_parts import max_context, unembed, unwrap
 from polyalign.tasks import load_task
 
 

@@ -9,7 +9,7 @@ LoRA, bf16 autocast), the same LoRA (r=8, alpha=16, q_proj/v_proj, same initial 
 hyperparameters (lr 5e-5, cosine, 10% warmup, effective batch 16 = 4 x 4 accumulation, grad-norm clip
 1.0, AdamW) and the same examples per epoch:
 
-1. polyalign (`polyalign.train.train`): each step's 16 examples sorted by length into micro-batches of 4,
+1. polyalign (`polyalign.training.train.train`): each step's 16 examples sorted by length into micro-batches of 4,
    no attention mask (right padding is causal-safe), the vocabulary projection only at target positions
    in chunks, gradients of the head computed chunk by chunk.
 2. baseline: `transformers.Trainer` with `DataCollatorForSeq2Seq` (batches of 4 padded to the longest
@@ -84,7 +84,7 @@ def val_loss(model, examples, dtype) -> float:
 
 
 def run_polyalign(args, data: Path, work: Path) -> dict:
-    from polyalign.train import TrainConfig, train
+    from polyalign.training.train import TrainConfig, train
 
     started = time.time()
     s = train(TrainConfig(data=str(data), output=str(work / "polyalign"), model=args.model, dtype=args.dtype,
@@ -103,7 +103,7 @@ def run_baseline(args, data: Path, work: Path) -> dict:
 
     from polyalign.models import load_model
     from polyalign.store import read_jsonl
-    from polyalign.train import Example, encode_pair
+    from polyalign.training.train import Example, encode_pair
 
     started = time.time()
     if args.threads:
@@ -191,9 +191,9 @@ def main(argv=None) -> int:
     import torch
 
     from polyalign.models import load_model
-    from polyalign.prepare import PrepareConfig, prepare
+    from polyalign.training.prepare import PrepareConfig, prepare
     from polyalign.store import read_jsonl
-    from polyalign.train import Example, encode_pair
+    from polyalign.training.train import Example, encode_pair
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     load_before = os.getloadavg()

@@ -6,16 +6,16 @@ import errno
 import importlib
 import sys
 
-from .errors import PolyalignError
+from polyalign.errors import PolyalignError
 
 COMMANDS = {
-    "evaluate": ("polyalign.evaluate", "few-shot multilingual evaluation with constrained decoding"),
-    "lens": ("polyalign.lens", "logit lens at the answer position: latent English vs target language, per layer"),
-    "geometry": ("polyalign.geometry", "hidden-state geometry: PCA, Pearson of parallel items, cross-lingual alignment"),
-    "run": ("polyalign.experiment", "run an experiment file end to end (resumable): eval, prepare, train, analyses, report"),
-    "report": ("polyalign.report", "paper-style report (Markdown, self-contained HTML, CSV, LaTeX) of a run folder"),
-    "prepare": ("polyalign.prepare", "question-alignment training pairs (X -> target) from parallel or translated questions"),
-    "train": ("polyalign.train", "LoRA instruction tuning on question-alignment pairs (resumable, DDP-ready)"),
+    "evaluate": ("polyalign.evaluation.evaluate", "few-shot multilingual evaluation with constrained decoding"),
+    "lens": ("polyalign.analysis.lens", "logit lens at the answer position: latent English vs target language, per layer"),
+    "geometry": ("polyalign.analysis.geometry", "hidden-state geometry: PCA, Pearson of parallel items, cross-lingual alignment"),
+    "run": ("polyalign.experiment.run", "run an experiment file end to end (resumable): eval, prepare, train, analyses, report"),
+    "report": ("polyalign.reporting.report", "paper-style report (Markdown, self-contained HTML, CSV, LaTeX) of a run folder"),
+    "prepare": ("polyalign.training.prepare", "question-alignment training pairs (X -> target) from parallel or translated questions"),
+    "train": ("polyalign.training.train", "LoRA instruction tuning on question-alignment pairs (resumable, DDP-ready)"),
 }
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import PolyalignError
-from .tasks import Task
+from polyalign.errors import PolyalignError
+from polyalign.tasks import Task
 
 
 @dataclass

@@ -7,7 +7,7 @@ from importlib.resources import files
 
 import yaml
 
-from .errors import PolyalignError
+from polyalign.errors import PolyalignError
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from . import hardware
-from .errors import PolyalignError
+from polyalign import hardware
+from polyalign.errors import PolyalignError
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     """Load a causal LM and its tokenizer; `adapter` adds a PEFT LoRA without merging it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .hf import hub_reachable, progress_bars
+    from polyalign.hf import hub_reachable, progress_bars
 
     started = time.time()
     dev = resolve_device(device)

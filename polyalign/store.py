@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import PolyalignError
+from polyalign.errors import PolyalignError
 
 
 def dumps(obj) -> str:

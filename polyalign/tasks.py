@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from . import languages
-from .errors import PolyalignError
+from polyalign import languages
+from polyalign.errors import PolyalignError
 
 LABEL_MODES = ("english", "native", "agnostic")
 

@@ -366,7 +366,7 @@ def test_duplicate_ids_are_found_before_the_model_loads(tmp_path, tiny_llama_pat
 
 def test_nan_score_never_becomes_a_prediction(tmp_path, tiny_llama_path, capsys, monkeypatch):
     """A score that overflowed to NaN is refused, naming the item; no sample records it."""
-    from polyalign import scoring
+    from polyalign.evaluation import scoring
     from polyalign.errors import PolyalignError
 
     with pytest.raises(PolyalignError, match=r"snli/en item 'x7'.*NaN"):
@@ -395,7 +395,7 @@ def test_nan_score_never_becomes_a_prediction(tmp_path, tiny_llama_path, capsys,
 def test_read_only_output_is_one_line(tmp_path, tiny_llama_path, capsys, monkeypatch):
     import errno
 
-    from polyalign import evaluate as ev
+    from polyalign.evaluation import evaluate as ev
     task, data = toy(tmp_path)
 
     def read_only(path, records):

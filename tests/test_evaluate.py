@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from toydata import CLASSES, REVIEWS, expected_prompt, toy
 
-from polyalign import cli, evaluate as evaluate_mod
-from polyalign.scoring import Scorer
+from polyalign import cli
+from polyalign.evaluation import evaluate as evaluate_mod
+from polyalign.evaluation.scoring import Scorer
 from testdevice import DEVICE
 
 ROW_KEYS = {"task", "lang", "labels", "scoring", "n", "acc", "ci_low", "ci_high", "ties", "truncated"}
@@ -95,7 +96,7 @@ def test_end_to_end_outputs(tmp_path, tiny_llama_path, capsys):
     # The stored scores belong to the stored prompt (no mix-up between batch slots and items).
     from polyalign.labels import label_plan
     from polyalign.models import load_model
-    from polyalign.scoring import naive_scores
+    from polyalign.evaluation.scoring import naive_scores
 
     lm = load_model(tiny_llama_path, dtype="fp32", device=DEVICE)
     plan = label_plan(lm.tokenizer, CLASSES, ["positiv", "negativ"])
@@ -304,7 +305,7 @@ def test_batch_tokens_is_part_of_the_fingerprint(tmp_path, tiny_llama_path, caps
     args[args.index(out)] = other
     del args[args.index(60) - 1: args.index(60) + 1]
     assert run(*args) == 0
-    from polyalign.runner import PrefixRunner  # noqa: F401  (the budget it resolves to is recorded)
+    from polyalign.engine.runner import PrefixRunner  # noqa: F401  (the budget it resolves to is recorded)
     budget = json.loads((other / "run.json").read_text("utf-8"))["batch_tokens"]
     assert isinstance(budget, int) and budget > 0
     assert run(*args, "--batch-tokens", budget) == 0

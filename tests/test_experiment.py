@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polyalign import experiment as X
+from polyalign.experiment import run as X
 from polyalign.errors import PolyalignError
 
 ROOT = Path(__file__).resolve().parents[1]

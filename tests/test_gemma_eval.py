@@ -52,7 +52,7 @@ def test_thai_labels_sharing_a_prefix_are_told_apart(gemma):
 
 def test_gemma_on_paper_amazon_data(tmp_path, shared_data, gemma):
     from polyalign.labels import label_plan
-    from polyalign.scoring import naive_scores
+    from polyalign.evaluation.scoring import naive_scores
 
     task = tmp_path / "amazon_gemma_check.yaml"
     task.write_text(yaml.safe_dump(TASK, allow_unicode=True), "utf-8")
@@ -83,7 +83,7 @@ def test_gemma_bf16_scores_are_the_naive_loops_to_the_bit(shared_data):
     tokens; see docs/benchmarks.md for the longer ones)."""
     from polyalign.data import load_data
     from polyalign.models import load_model
-    from polyalign.scoring import Scorer, naive_scores
+    from polyalign.evaluation.scoring import Scorer, naive_scores
     from polyalign.tasks import load_task
     from test_scoring import score_all
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from polyalign import cli, geometry
+from polyalign import cli
+from polyalign.analysis import geometry
 from polyalign.errors import PolyalignError
-from polyalign.geometry import (GeometryConfig, alignment_metrics, center, collect_states, parse_layers,
+from polyalign.analysis.geometry import (GeometryConfig, alignment_metrics, center, collect_states, parse_layers,
                                 pca_scores, pearson_pairs, run_geometry)
-from polyalign.lens import prepare_prompts
+from polyalign.analysis.lens import prepare_prompts
 from polyalign.models import load_model
-from polyalign.runner import PrefixRunner
+from polyalign.engine.runner import PrefixRunner
 from polyalign.tasks import load_task
 from testdevice import DEVICE
 from tinytask import GOLD, REVIEWS, write_tiny_task
@@ -159,7 +160,7 @@ def test_geometry_bad_input(geo_task, tmp_path, capsys):
 def test_outputs_without_pivot(geo_task, tmp_path, capsys):
     """Without the pivot language in --langs: PCA and Pearson only, no alignment files."""
     import time
-    from polyalign.lens import ModelSpec
+    from polyalign.analysis.lens import ModelSpec
     rng = np.random.default_rng(1)
     langs = ["zh", "sw"]
     states = {"base": {lang: rng.normal(size=(5, 3, 4)).astype(np.float32) for lang in langs}}

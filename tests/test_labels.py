@@ -4,7 +4,7 @@ from transformers import AutoTokenizer
 
 from polyalign.labels import label_plan, paper_token_set, token_bytes
 from polyalign.models import load_model
-from polyalign.scoring import Scorer, naive_scores
+from polyalign.evaluation.scoring import Scorer, naive_scores
 from polyalign.tasks import load_task
 from testdevice import DEVICE
 

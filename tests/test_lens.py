@@ -15,9 +15,10 @@ import torch
 from conftest import SHARED, requires_gemma
 from polyalign import cli
 from polyalign.labels import paper_token_set
-from polyalign.lens import LensConfig, answer_states, lens_sets, prepare_prompts, run_lens
+from polyalign.analysis.lens import LensConfig, answer_states, lens_sets, prepare_prompts, run_lens
 from polyalign.models import load_model
-from polyalign.runner import PrefixRunner, unembed
+from polyalign.engine.runner import PrefixRunner
+from polyalign.engine.model_parts import unembed
 from polyalign.tasks import load_task
 from testdevice import DEVICE
 from tinytask import GOLD, REVIEWS, write_tiny_task
@@ -149,7 +150,7 @@ def test_last_layer_is_model_output(lens_model_path, tiny_task):
             full = torch.tensor([p.ids])
             ref = torch.softmax(lm.model(input_ids=full).logits[0, -1].float(), -1)
             emb = lm.model.get_input_embeddings()(full)[0, -1]          # includes Gemma's sqrt(d) scale
-            from polyalign.runner import final_norm
+            from polyalign.engine.model_parts import final_norm
             ref0 = torch.softmax(unembed(lm.model, final_norm(lm.model)(emb)), -1)
         assert (lens_last[row] - ref).abs().max() < 1e-5
         assert (lens_first[row] - ref0).abs().max() < 1e-5
@@ -270,7 +271,7 @@ def test_long_items_are_truncated_inside_the_item(tiny_tokenizer, tiny_task):
 def test_rerun_and_killed_run_compute_only_what_is_missing(tmp_path, tiny_llama_path, tiny_task, monkeypatch):
     """Each (model, language) is saved when done: a repeated run loads no model, a run that lost one
     language's part recomputes that language alone, and the outputs are byte-identical each time."""
-    from polyalign import lens as L
+    from polyalign.analysis import lens as L
 
     task_path, data = tiny_task
     out = tmp_path / "lens"

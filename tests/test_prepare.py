@@ -10,7 +10,7 @@ from conftest import write_jsonl
 
 from polyalign import cli, languages
 from polyalign.errors import PolyalignError
-from polyalign.prepare import INSTRUCTION, PrepareConfig, prepare, split_pairs
+from polyalign.training.prepare import INSTRUCTION, PrepareConfig, prepare, split_pairs
 from polyalign.store import read_jsonl
 from polyalign.tasks import load_task
 
@@ -216,7 +216,7 @@ def tiny_mt(tmp_path_factory, tiny_tokenizer) -> str:
 
 
 def test_hf_mt_translator_and_cache(tmp_path, tiny_mt):
-    from polyalign.translate import HFMTTranslator, TranslationCache, detect_family
+    from polyalign.training.translate import HFMTTranslator, TranslationCache, detect_family
 
     cache_path = tmp_path / "cache.jsonl"
     tr = HFMTTranslator(tiny_mt, TranslationCache(cache_path), batch_size=3, device="cpu", dtype="fp32",
@@ -236,7 +236,7 @@ def test_hf_mt_translator_and_cache(tmp_path, tiny_mt):
 
 
 def test_cache_survives_a_crash(tmp_path, tiny_mt):
-    from polyalign.translate import HFMTTranslator, TranslationCache
+    from polyalign.training.translate import HFMTTranslator, TranslationCache
 
     cache_path = tmp_path / "cache.jsonl"
     tr = HFMTTranslator(tiny_mt, TranslationCache(cache_path), batch_size=2, device="cpu", dtype="fp32",
@@ -284,7 +284,7 @@ def test_prepare_with_translator(tmp_path, tiny_mt):
 
 
 def test_llm_translator(tmp_path, tiny_llama_path):
-    from polyalign.translate import LLMTranslator, TranslationCache
+    from polyalign.training.translate import LLMTranslator, TranslationCache
 
     tr = LLMTranslator(tiny_llama_path, TranslationCache(tmp_path / "c.jsonl"), batch_size=2, device="cpu",
                        dtype="fp32", max_new_tokens=6, examples={"en": ["A man reads."], "de": ["Ein Mann liest."]})

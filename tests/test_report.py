@@ -16,7 +16,7 @@ import pytest
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.report import build_report
+from polyalign.reporting.report import build_report
 from polyalign.stats import paired_bootstrap_delta
 
 LANGS = list(languages.ALL)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from polyalign.runner import PrefixRunner
+from polyalign.engine.runner import PrefixRunner
 from testdevice import DEVICE
 
 
@@ -105,7 +105,8 @@ def test_cpu_bf16_items_are_bitwise_a_batch1_forward(tiny_model_path):
     of 16+ tokens: see KV_ALIGN)."""
     import torch
     from polyalign.models import load_model
-    from polyalign.runner import FOLD_BELOW, SMALL_BLOCK, decoder_of, last_query_block
+    from polyalign.engine.attention import FOLD_BELOW, SMALL_BLOCK, last_query_block
+    from polyalign.engine.model_parts import decoder_of
 
     lm = load_model(tiny_model_path, dtype="bf16", device="cpu")
     runner = PrefixRunner(lm.model, lm.tokenizer, token_budget=4096)

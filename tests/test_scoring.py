@@ -2,7 +2,7 @@
 import pytest
 
 from polyalign.models import load_model
-from polyalign.scoring import RULES, Scorer, naive_scores
+from polyalign.evaluation.scoring import RULES, Scorer, naive_scores
 from polyalign.tasks import load_task
 from testdevice import DEVICE
 

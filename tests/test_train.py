@@ -14,7 +14,7 @@ import yaml
 from conftest import requires_gemma, write_jsonl
 
 from polyalign import cli
-from polyalign import train as T
+from polyalign.training import train as T
 from polyalign.errors import PolyalignError
 from polyalign.store import read_jsonl
 
@@ -356,7 +356,7 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_llama_path, data):
 @pytest.mark.gemma
 @requires_gemma
 def test_gemma_trains_on_shared_snli(tmp_path, shared_data):
-    from polyalign.prepare import PrepareConfig, prepare
+    from polyalign.training.prepare import PrepareConfig, prepare
 
     prepare(PrepareConfig(task="snli", sources="zh,de", target="en", per_language=24, val_size=8,
                           data=str(shared_data), output=str(tmp_path / "data"), progress=False))

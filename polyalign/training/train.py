@@ -45,8 +45,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import PolyalignError
-from .store import append_lines, content_hash, read_jsonl, write_atomic, write_json, write_jsonl
+from polyalign.errors import PolyalignError
+from polyalign.store import append_lines, content_hash, read_jsonl, write_atomic, write_json, write_jsonl
 
 # Keys that may differ between a run and its resumption (they change neither the data nor the maths).
 NON_SEMANTIC = {"device", "threads", "save_steps", "save_total_limit"}
@@ -238,8 +238,8 @@ def _normalize(rec: dict, where: str, n: int) -> dict:
 
 def load_pairs(data: str, val_ratio: float, seed: int) -> tuple[list[dict], list[dict], str]:
     """(train, val, description) from a prepared folder or a single file of pairs."""
-    from .data import read_records
-    from .prepare import split_pairs
+    from polyalign.data import read_records
+    from polyalign.training.prepare import split_pairs
 
     path = Path(data)
     if path.is_dir():
@@ -549,7 +549,7 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
 
     world, rank = state.num_processes, state.process_index
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    from .models import load_model, resolve_dtype
+    from polyalign.models import load_model, resolve_dtype
 
     per_rank = hp["batch_size"] // world
     n_micro = math.ceil(per_rank / hp["micro_batch_size"])
@@ -900,7 +900,7 @@ def _merge_in_place(peft_model, tokenizer, out: Path) -> None:
 
 
 def _merge_saved(out: Path, hp: dict) -> None:
-    from .models import load_model
+    from polyalign.models import load_model
     # The merge runs on the CPU, which refuses fp16: an fp16 run merges in fp32.
     lm = load_model(hp["model"], "fp32" if hp["dtype"] == "fp16" else hp["dtype"], "cpu", adapter=str(out),
                     progress=False)

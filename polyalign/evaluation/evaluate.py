@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hardware, languages
-from .data import load_data
-from .errors import PolyalignError
-from .prompts import check_lengths
-from .stats import wilson
-from .store import append_lines, check_fingerprint, content_hash, read_jsonl, write_json, write_jsonl
-from .tasks import LABEL_MODES, Task, parse_tasks
+from polyalign import hardware, languages
+from polyalign.data import load_data
+from polyalign.errors import PolyalignError
+from polyalign.engine.prompts import check_lengths
+from polyalign.stats import wilson
+from polyalign.store import append_lines, check_fingerprint, content_hash, read_jsonl, write_json, write_jsonl
+from polyalign.tasks import LABEL_MODES, Task, parse_tasks
 
 
 @dataclass
@@ -148,7 +148,7 @@ def format_table(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- the job
 def evaluate(cfg: EvalConfig) -> dict:
-    from .scoring import Scorer, decide
+    from polyalign.evaluation.scoring import Scorer, decide
 
     rank, world, state = _dist(cfg.device)
     tasks: list[Task] = parse_tasks(cfg.tasks)
@@ -162,7 +162,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.limit is not None and cfg.limit <= 0:
         raise PolyalignError("--limit must be a positive number")
     check_lengths(cfg.batch_tokens, cfg.max_length)
-    from .models import check_adapter, resolve_device, resolve_dtype
+    from polyalign.models import check_adapter, resolve_device, resolve_dtype
     device = str(state.device) if state and cfg.device == "auto" else cfg.device
     dev = resolve_device(device)  # --device cuda without CUDA, and fp16 on a CPU, are refused now
     if cfg.dtype == "fp16":       # (other dtypes are resolved, and warned about, once, by load_model)
@@ -198,7 +198,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     # recorded only once the model has loaded, so that a typo in --model does not claim the folder.
     check_fingerprint(output, "run.json", settings, record=False)
 
-    from .models import load_model
+    from polyalign.models import load_model
     lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter, progress=cfg.progress and rank == 0)
     scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
     # Options that change scores in the last bits, as resolved: the batch budget (an item's matmuls

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import languages
-from .errors import PolyalignError
-from .lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_lengths, check_mode,
+from polyalign import languages
+from polyalign.errors import PolyalignError
+from polyalign.analysis.lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_lengths, check_mode,
                    config_from_args, load_items, model_specs, prepare_prompts, prompt_texts, release_memory,
                    write_csv, write_npz)
-from .store import content_hash, write_json
-from .tasks import LABEL_MODES, load_task
+from polyalign.store import content_hash, write_json
+from polyalign.tasks import LABEL_MODES, load_task
 
 POOLINGS = ("mean", "query-mean", "last")
 CENTERS = ("lang", "joint", "none")
@@ -316,8 +316,9 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         mine = [lang for spec, lang in todo if spec == s]
         if not mine:
             continue
-        from .models import load_model
-        from .runner import PrefixRunner, max_context
+        from polyalign.models import load_model
+        from polyalign.engine.runner import PrefixRunner
+        from polyalign.engine.model_parts import max_context
         t0 = time.perf_counter()
         lm = load_model(s.model, cfg.dtype, cfg.device, s.adapter, progress=cfg.progress)
         runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
@@ -435,7 +436,7 @@ def format_summary(summary: dict, specs, pivot) -> str:
 
 # ============================================================================= plots
 def plot_pca(path: Path, layer: int, langs, specs, results) -> Path:
-    from . import plots
+    from polyalign.reporting import plots
     plt = plots.plt
     colors = plots.lang_colors(langs)
     fig, axes = plt.subplots(len(specs), 2, figsize=(10, 4.2 * len(specs)), squeeze=False)
@@ -460,7 +461,7 @@ def plot_pca(path: Path, layer: int, langs, specs, results) -> Path:
 
 
 def plot_pearson(path: Path, layer: int, langs, specs, results) -> Path:
-    from . import plots
+    from polyalign.reporting import plots
     plt = plots.plt
     k = len(langs)
 
@@ -494,7 +495,7 @@ def plot_pearson(path: Path, layer: int, langs, specs, results) -> Path:
 
 
 def plot_alignment(path: Path, langs, specs, results, pivot, how) -> Path:
-    from . import plots
+    from polyalign.reporting import plots
     plt = plots.plt
     colors = plots.lang_colors(langs)
     panels = (["retrieval_acc", "cos_gap"] if pivot is not None else []) + ["pearson"]

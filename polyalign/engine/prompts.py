@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import PolyalignError
-from .tasks import Task
+from polyalign.errors import PolyalignError
+from polyalign.tasks import Task
 
 
 @dataclass

@@ -19,9 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import languages
-from .errors import PolyalignError
-from .store import append_lines, read_jsonl
+from polyalign import languages
+from polyalign.errors import PolyalignError
+from polyalign.store import append_lines, read_jsonl
 
 # polyalign code -> each family's code. None: the family lacks the language.
 NLLB = {"en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn", "sv": "swe_Latn", "zh": "zho_Hans",
@@ -143,7 +143,7 @@ class HFMTTranslator(Translator):
             import torch
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-            from .models import resolve_device, resolve_dtype
+            from polyalign.models import resolve_device, resolve_dtype
             dev = resolve_device(self.device_name)
             dtype = resolve_dtype(self.dtype_name, dev)
             if dtype == torch.float16 and dev.type == "cpu":
@@ -216,7 +216,7 @@ class LLMTranslator(Translator):
     def _translate_batch(self, texts, src, tgt):
         import torch
 
-        from .models import load_model
+        from polyalign.models import load_model
         if self._lm is None:
             self._lm = load_model(self.name, self.dtype_name, self.device_name)
         model, tok = self._lm.model, self._lm.tokenizer

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from . import languages
-from .data import read_records
-from .errors import PolyalignError
-from .store import content_hash, write_json, write_jsonl
-from .tasks import Task, load_task
+from polyalign import languages
+from polyalign.data import read_records
+from polyalign.errors import PolyalignError
+from polyalign.store import content_hash, write_json, write_jsonl
+from polyalign.tasks import Task, load_task
 
 INSTRUCTION = "\nTranslate the input from {source} to {target}:\n"
 
@@ -249,8 +249,8 @@ def _english_items(task: Task, data: str | None, fields: str | None, n: int | No
 
 
 def _translated_items(task: Task, langs: list[str], cfg: PrepareConfig) -> tuple[dict, dict]:
-    from .models import cache_dir
-    from .translate import TranslationCache, make_translator
+    from polyalign.models import cache_dir
+    from polyalign.training.translate import TranslationCache, make_translator
 
     english, where = _english_items(task, cfg.data, cfg.fields, cfg.per_language)
     cache = TranslationCache(cfg.translation_cache or cache_dir() / "translations.jsonl")
@@ -458,7 +458,7 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 def load_prepared(folder: str | Path) -> tuple[list[dict], list[dict]]:
     """(train, val) records of a prepared folder."""
-    from .store import read_jsonl
+    from polyalign.store import read_jsonl
     folder = Path(folder)
     return read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "val.jsonl")
 

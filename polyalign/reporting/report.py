@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import languages
-from .errors import PolyalignError
-from .stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
-from .store import read_jsonl, write_atomic
+from polyalign import languages
+from polyalign.errors import PolyalignError
+from polyalign.stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
+from polyalign.store import read_jsonl, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def broken_steps(run: Path, steps: list[dict]) -> dict[str, tuple[Path, str]]:
     """label -> (folder, problem) of the finished steps whose outputs are missing or do not parse: a
     step is done only while they are there (a deleted results.json would otherwise drop its setting
     from every table without a word)."""
-    from .experiment import outputs_problem
+    from polyalign.experiment.run import outputs_problem
     out = {}
     for s in steps:
         if s.get("status") == "done" or (run / s["dir"] / "done.json").exists():

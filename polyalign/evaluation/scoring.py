@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PolyalignError
-from .labels import LabelPlan, label_plan
-from .prompts import Prompt, by_cache, prepare_prompts
-from .runner import PrefixRunner, max_context, unembed
-from .tasks import Task
+from polyalign.errors import PolyalignError
+from polyalign.labels import LabelPlan, label_plan
+from polyalign.engine.prompts import Prompt, by_cache, prepare_prompts
+from polyalign.engine.runner import PrefixRunner
+from polyalign.engine.model_parts import max_context, unembed
+from polyalign.tasks import Task
 
 RULES = ("paper", "first-token", "sequence")
 

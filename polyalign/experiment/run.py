@@ -30,9 +30,9 @@ from typing import Callable
 
 import yaml
 
-from . import languages
-from .errors import PolyalignError
-from .store import content_hash, write_json
+from polyalign import languages
+from polyalign.errors import PolyalignError
+from polyalign.store import content_hash, write_json
 
 SCHEMA_VERSION = 1
 DEMO = "demo"
@@ -306,7 +306,7 @@ def load_experiment(path: str | None = None, overrides: list[str] | None = None,
 
 def validate(raw: dict, default_name: str = "experiment", check_data: bool = True) -> Experiment:
     """The whole file checked: keys, types, languages each task has, data files, analyses."""
-    from .tasks import LABEL_MODES, load_task
+    from polyalign.tasks import LABEL_MODES, load_task
 
     top = _check_keys(raw, DEFAULTS, "")
     name = _opt_str(top["name"], "name") or default_name
@@ -354,7 +354,7 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
     for mode in ev["labels"]:
         if mode not in LABEL_MODES:
             raise PolyalignError(f"eval.labels: unknown label mode {mode!r}{_nearest(mode, LABEL_MODES)}")
-    from .scoring import RULES
+    from polyalign.evaluation.scoring import RULES
     if ev["scoring"] not in RULES:
         raise PolyalignError(f"eval.scoring: unknown rule {ev['scoring']!r}{_nearest(ev['scoring'], RULES)}")
     ev["limit"] = _opt_int(ev["limit"], "eval.limit")
@@ -446,7 +446,7 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
 
 
 def _analysis(raw, defaults, where, ev, setting_names, tasks, check_data) -> dict:
-    from .tasks import load_task
+    from polyalign.tasks import load_task
 
     if raw is True:
         raw = {}
@@ -515,7 +515,7 @@ def _check_train_keys(overrides: dict, where: str) -> None:
     if not overrides:
         return
     try:
-        train = importlib.import_module("polyalign.train")
+        train = importlib.import_module("polyalign.training.train")
     except ImportError:
         return
     fields_ = getattr(getattr(train, "TrainConfig", None), "__dataclass_fields__", None)
@@ -532,7 +532,7 @@ def _check_train_values(common: dict, models: list, settings: list) -> None:
     that `lr: fast` fails at load time and not after the base evaluation. Settings override models,
     which override the file's `train:` (as plan() merges them)."""
     try:
-        train = importlib.import_module("polyalign.train")
+        train = importlib.import_module("polyalign.training.train")
     except ImportError:
         return
     def where(m, s) -> str:
@@ -622,7 +622,7 @@ def outputs_problem(kind: str, folder: Path) -> str | None:
 
 
 def _task_hash(name: str) -> str:
-    from .tasks import load_task
+    from polyalign.tasks import load_task
     return content_hash(Path(load_task(name).path).read_text("utf-8"))
 
 
@@ -836,7 +836,7 @@ def _named_adapter(step_folder: Path, train_folder: Path, name: str) -> Path:
 
 
 def _module_of(command: str) -> str:
-    from .cli import COMMANDS
+    from polyalign.cli import COMMANDS
     if command not in COMMANDS:
         raise PolyalignError(f"this installation has no `polyalign {command}` command yet")
     return COMMANDS[command][0]
@@ -844,7 +844,7 @@ def _module_of(command: str) -> str:
 
 def call_command(argv: list[str]) -> None:
     """Run one `polyalign` subcommand in this process, through its own argument parser."""
-    from .cli import COMMANDS, _Parser
+    from polyalign.cli import COMMANDS, _Parser
 
     command = argv[0]
     module_name = _module_of(command)
@@ -987,7 +987,7 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
     manifest["last_run_seconds"] = round(wall, 2)
     write_json(run / "manifest.json", manifest)
     if report:
-        from .report import build_report
+        from polyalign.reporting.report import build_report
         t0 = time.time()
         html = build_report(run)
         manifest["report_seconds"] = round(time.time() - t0, 2)
@@ -1046,7 +1046,7 @@ def _free_memory() -> None:
 
 def preflight(exp: Experiment, steps: list[Step], run: Path) -> None:
     """Before any work: every command the plan needs exists and accepts its options; models exist."""
-    from .cli import COMMANDS
+    from polyalign.cli import COMMANDS
 
     for m in exp.models:
         check_model(m.name)
@@ -1079,7 +1079,7 @@ def _parse_check(argv: list[str], where: str) -> None:
 def check_model(name: str, hub: bool = True) -> None:
     """Fail early (one line, exit 2) when a model cannot be found; loading errors surface in the step.
     With hub=False only local folders are checked."""
-    from .models import DEFAULT_MODEL
+    from polyalign.models import DEFAULT_MODEL
     if name == DEFAULT_MODEL:
         return
     p = Path(name).expanduser()
@@ -1095,7 +1095,7 @@ def check_model(name: str, hub: bool = True) -> None:
 
     from transformers import AutoConfig
 
-    from .hf import hub_reachable
+    from polyalign.hf import hub_reachable
     offline = not hub_reachable()   # then the local cache only, at once (not a minute of retries)
 
     hub_log = logging.getLogger("huggingface_hub")

@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import languages
-from .errors import PolyalignError
-from .store import content_hash, write_atomic, write_json
-from .prompts import Prompt, PromptSet, batch_groups, check_lengths, prepare_prompts  # noqa: F401 (re-exported)
-from .tasks import LABEL_MODES, Task, load_task
+from polyalign import languages
+from polyalign.errors import PolyalignError
+from polyalign.store import content_hash, write_atomic, write_json
+from polyalign.engine.prompts import Prompt, PromptSet, batch_groups, check_lengths, prepare_prompts  # noqa: F401 (re-exported)
+from polyalign.tasks import LABEL_MODES, Task, load_task
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
 LN2 = math.log(2.0)
@@ -104,7 +104,7 @@ def release_memory() -> None:
 
 
 # ============================================================================= shared: prompts
-# Prompt preparation and batching live in polyalign.prompts (shared with the evaluator).
+# Prompt preparation and batching live in polyalign.engine.prompts (shared with the evaluator).
 def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[str]:
     prefix = task.demo_prefix(lang, mode)
     return [prefix + task.query(lang, it) for it in items]
@@ -139,7 +139,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_items(task: Task, langs: list[str], data, limit, trust_file_labels) -> tuple[dict[str, list[dict]], list[str]]:
-    from .data import load_data
+    from polyalign.data import load_data
     if limit is not None and limit <= 0:
         raise PolyalignError("--limit must be a positive number")
     loaded = load_data(task, langs, data, limit, trust_file_labels)
@@ -199,7 +199,7 @@ class LensSets:
 
 def lens_sets(tokenizer, task: Task, lang: str) -> LensSets:
     """Target = the language's native label words; English = the task's English label words."""
-    from .labels import paper_token_set
+    from polyalign.labels import paper_token_set
     native, english = task.label_words(lang, "native"), task.label_words(lang, "english")
     if not native:
         raise PolyalignError(f"task {task.name!r} has no native label words for {lang!r}")
@@ -218,7 +218,7 @@ def answer_states(model, hidden_states, last_hidden: torch.Tensor, pos: torch.Te
 
     hidden_states[0..L-1] get the model's final norm here; layer L is taken from the decoder's
     last_hidden_state (already normed: what the head really sees)."""
-    from .runner import final_norm
+    from polyalign.engine.model_parts import final_norm
     rows = torch.arange(last_hidden.shape[0], device=last_hidden.device)
     n_layers = len(hidden_states) - 1
     inner = torch.stack([hidden_states[layer][rows, pos] for layer in range(n_layers)], 1)
@@ -230,7 +230,7 @@ def answer_states(model, hidden_states, last_hidden: torch.Tensor, pos: torch.Te
 def lens_measures(model, states: torch.Tensor, columns: list[list[int]], chunk_rows: int | None = None):
     """states [B, K, H] -> (set probabilities [B, K, S] for the S `columns`, entropy in bits [B, K]).
     The vocabulary is projected in chunks of rows, to bound memory with 256k-token vocabularies."""
-    from .runner import head_logits, head_to_fp32, unwrap
+    from polyalign.engine.model_parts import head_logits, head_to_fp32, unwrap
     b, k, h = states.shape
     flat = states.reshape(b * k, h)
     idx = [torch.tensor(c, dtype=torch.long, device=states.device) for c in columns]
@@ -302,7 +302,7 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def cache_key(spec: ModelSpec, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
     """Hash of what determines one (model, language)'s results, for lens parts and geometry states:
     the weights (and adapter), dtype, context limit, task file, language, label mode, prompts, `extra`."""
-    from .models import resolve_device, resolve_dtype
+    from polyalign.models import resolve_device, resolve_dtype
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
     return content_hash({"weights": model_fingerprint(spec), "dtype": dtype, "max_length": cfg.max_length,
                          "task": task_hash, "lang": lang, "labels": cfg.labels, "prompts": content_hash(texts),
@@ -392,8 +392,9 @@ def main(args: argparse.Namespace) -> None:
 def run_lens(cfg: LensConfig) -> dict:
     from tqdm.auto import tqdm
 
-    from .models import load_model
-    from .runner import PrefixRunner, max_context
+    from polyalign.models import load_model
+    from polyalign.engine.runner import PrefixRunner
+    from polyalign.engine.model_parts import max_context
 
     started = time.time()
     task = load_task(cfg.task)
@@ -542,7 +543,7 @@ def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_a
             linestyle=None, label_prefix=""):
     from matplotlib.ticker import MaxNLocator
 
-    from .plots import MEASURE_STYLE
+    from polyalign.reporting.plots import MEASURE_STYLE
     layers = np.arange(len(st["target_answer"][0]))
     for m in measures:
         style = dict(MEASURE_STYLE[m])
@@ -559,7 +560,7 @@ def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_a
 
 def plot_lang(path: Path, lang: str, specs, stats) -> Path:
     """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above."""
-    from . import plots
+    from polyalign.reporting import plots
     plt = plots.plt
     shown = [s for s in specs if stats[s.label][lang]["n"]]
     fig = plt.figure(figsize=(4.6 * len(shown), 4.2))
@@ -589,7 +590,7 @@ def plot_lang(path: Path, lang: str, specs, stats) -> Path:
 
 def plot_overlay(path: Path, langs: list[str], specs, stats) -> Path:
     """Target and English answer curves of every model, one panel per language."""
-    from . import plots
+    from polyalign.reporting import plots
     plt = plots.plt
     shown = [lang for lang in langs if any(stats[s.label][lang]["n"] for s in specs)]
     cols = min(4, len(shown))
