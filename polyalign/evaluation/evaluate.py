@@ -19,6 +19,7 @@ from pathlib import Path
 
 from polyalign import hardware, languages
 from polyalign.data import load_data
+from polyalign.evaluation import calibration, diagnostics
 from polyalign.errors import PolyalignError
 from polyalign.engine.prompts import check_lengths
 from polyalign.stats import wilson
@@ -42,6 +43,7 @@ class EvalConfig:
     batch_tokens: int | None = None
     max_length: int | None = None
     trust_file_labels: bool = False
+    calibration: str = "none"
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -62,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
     p.add_argument("--trust-file-labels", action="store_true",
                    help="paper-release data: take each file's own gold words instead of the parallel English ones")
+    p.add_argument("--calibration", default="none", choices=list(calibration.CALIBRATIONS),
+                   help="also score content-free / answer-cue prompts and store calibrated scores "
+                        "(any method but none stores all methods: they share one forward)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -121,6 +126,11 @@ def summarize(samples: list[dict], task: str, lang: str, mode: str, rule: str) -
            "truncated": sum(s.get("truncated", False) for s in samples)}
     if rule == "sequence":
         row["acc_byte"] = sum(s["pred_byte"] == s["gold"] for s in samples) / n if n else float("nan")
+    # issue 12: calibrated accuracies (calibrated runs) and the label-bias diagnostics (always)
+    acc_cal = calibration.accuracy_calibrated(samples)
+    if acc_cal is not None:
+        row["acc_calibrated"] = acc_cal
+    row.update(diagnostics.summary_fields(samples, rule))
     return row
 
 
@@ -162,6 +172,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.limit is not None and cfg.limit <= 0:
         raise PolyalignError("--limit must be a positive number")
     check_lengths(cfg.batch_tokens, cfg.max_length)
+    calibration.check_calibration(cfg.calibration)
     from polyalign.models import check_adapter, resolve_device, resolve_dtype
     device = str(state.device) if state and cfg.device == "auto" else cfg.device
     dev = resolve_device(device)  # --device cuda without CUDA, and fp16 on a CPU, are refused now
@@ -190,7 +201,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     output = Path(cfg.output)
     settings = {"model": cfg.model, "adapter": cfg.adapter, "dtype": cfg.dtype, "scoring": cfg.scoring,
                 "data": cfg.data, "limit": cfg.limit, "max_length": cfg.max_length,
-                "trust_file_labels": cfg.trust_file_labels}
+                "trust_file_labels": cfg.trust_file_labels,
+                # whether sample lines carry calibrated scores (every method, whichever was asked for)
+                "calibrated": cfg.calibration != "none"}
     settings.update({f"task:{t.name}": content_hash(Path(t.path).read_text("utf-8")) for t in tasks})
     if cfg.batch_tokens is not None:   # the default budget is known once the device is (below)
         settings["batch_tokens"] = cfg.batch_tokens
@@ -241,6 +254,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             group = scorer.prepare(task, lang, mode, items)
             overlaps += [f"{task.name}/{mode}/{lang}: {d}" for d in group.plan.describe_overlaps(lm.tokenizer)]
             words = group.plan.words
+            refs = (calibration.load_or_compute(scorer, group, output, write=rank == 0)
+                    if cfg.calibration != "none" else None)
             for b_index, batch in enumerate(scorer.batches(group)):
                 if b_index % world != rank:
                     continue
@@ -264,6 +279,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                     if "scores_per_byte" in res:
                         rec["scores_per_byte"] = res["scores_per_byte"]
                         rec["pred_byte"] = task.classes[decide(res["scores_per_byte"], where)[0]]
+                    if refs is not None:
+                        rec.update(calibration.calibrated_fields(res["scores"], refs, task.classes, cfg.scoring,
+                                                                 where))
                     records.append(rec)
                     scored_tokens += len(scorer.rows(group, p)[0])
                 append_lines(mine, records)
