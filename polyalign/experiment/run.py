@@ -64,6 +64,7 @@ DEFAULTS: dict = {
         "batch_tokens": None,
         "max_length": None,
         "trust_file_labels": False,
+        "calibration": "contextual",  # issue 12: calibrated scores (all methods) for the report's section
     },
     "analyses": {"lens": None, "geometry": None},
     "report": {"title": None, "bootstrap": 10000, "seed": 0, "alpha": 0.05},
@@ -357,6 +358,10 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
     from polyalign.evaluation.scoring import RULES
     if ev["scoring"] not in RULES:
         raise PolyalignError(f"eval.scoring: unknown rule {ev['scoring']!r}{_nearest(ev['scoring'], RULES)}")
+    from polyalign.evaluation.calibration import CALIBRATIONS
+    if ev["calibration"] not in CALIBRATIONS:
+        raise PolyalignError(f"eval.calibration: unknown method {ev['calibration']!r}"
+                             f"{_nearest(ev['calibration'], CALIBRATIONS)}")
     ev["limit"] = _opt_int(ev["limit"], "eval.limit")
     ev["batch_tokens"] = _opt_int(ev["batch_tokens"], "eval.batch_tokens")
     ev["max_length"] = _opt_int(ev["max_length"], "eval.max_length")
@@ -691,6 +696,8 @@ def plan(exp: Experiment) -> list[Step]:
         # It changes scores in the last bits (and evaluate refuses a folder scored with another
         # value); named only when set, so that the folders of runs without it keep their names.
         eval_common["batch_tokens"] = ev["batch_tokens"]
+    if ev["calibration"] != "none":    # named only when on, so that `calibration: none` keeps old folders
+        eval_common["calibration"] = ev["calibration"]
 
     def add(step: Step) -> Step:
         step.finalize()
@@ -721,6 +728,8 @@ def plan(exp: Experiment) -> list[Step]:
                 a += ["--max-length", str(ev["max_length"])]
             if ev["trust_file_labels"]:
                 a.append("--trust-file-labels")
+            if ev["calibration"] != "none":
+                a += ["--calibration", ev["calibration"]]
             return a
 
         return add(Step("eval", label, inputs, [train] if train else [],
