@@ -28,7 +28,7 @@ def _classes(samples: list[dict]) -> list[str]:
 def is_balanced(golds: list[str], classes: list[str]) -> bool:
     counts = Counter(golds)
     per = [counts.get(c, 0) for c in classes]
-    return bool(per) and max(per) - min(per) <= 1
+    return len([c for c in per if c]) >= 2 and max(per) - min(per) <= 1
 
 
 def bias(preds: list[str], golds: list[str], distributions: list[list[float]], classes: list[str]) -> dict:
@@ -53,7 +53,7 @@ def summary_fields(samples: list[dict], rule: str) -> dict:
     classes = _classes(samples)
     golds = [s["gold"] for s in samples]
     out = {"bias": bias([s["pred"] for s in samples], golds,
-                        [class_distribution(s["scores"], rule) for s in samples], classes)}
+                        [class_distribution(s["scores"], rule) for s in samples if s.get("scores")], classes)}
     if samples and all("calibrated" in s for s in samples):
         out["bias_calibrated"] = {m: bias([s["pred_calibrated"][m] for s in samples], golds,
                                           [s["calibrated"][m] for s in samples], classes) for m in METHODS}
