@@ -259,3 +259,18 @@ def test_answer_cue_is_the_template_tail():
     for lang, spec in task.languages.items():
         cue = calibration.answer_cue(task, lang)
         assert spec.template.endswith(cue) and "{" not in cue and cue.endswith(task.cue)
+
+
+def test_experiment_files_turn_calibration_on_and_check_it(tmp_path):
+    from polyalign.errors import PolyalignError
+    from polyalign.experiment import run as X
+    exp = X.load_experiment(demo=True, check_data=False)
+    assert exp.eval["calibration"] == "contextual"
+    evals = [s for s in X.plan(exp) if s.kind == "eval"]
+    argv = evals[0].argv(evals[0], tmp_path)
+    assert argv[argv.index("--calibration") + 1] == "contextual"
+    with pytest.raises(PolyalignError, match="eval.calibration: unknown method 'platt'"):
+        X.load_experiment(demo=True, overrides=["eval.calibration=platt"], check_data=False)
+    off = X.load_experiment(demo=True, overrides=["eval.calibration=none"], check_data=False)
+    off_eval = [s for s in X.plan(off) if s.kind == "eval"][0]
+    assert "--calibration" not in off_eval.argv(off_eval, tmp_path)

@@ -152,7 +152,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'task':<16} {'labels':<8} {'lang':<4} {'n':>5} {'acc':>7}  95% CI"]
     for r in rows:
         lines.append(f"{r['task']:<16} {r['labels']:<8} {r['lang']:<4} {r['n']:>5} {r['acc']:>7.3f}  "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                     + "".join(f"  {m} {v:.3f}" for m, v in (r.get("acc_calibrated") or {}).items()))
     return "\n".join(lines)
 
 
