@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from importlib.resources import files
@@ -39,6 +39,8 @@ from polyalign.data import read_records
 from polyalign.errors import PolyalignError
 from polyalign.store import content_hash, write_json, write_jsonl
 from polyalign.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
 
 INSTRUCTION = "\nTranslate the input from {source} to {target}:\n"
 
@@ -390,7 +392,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             if c < cfg.per_language:
                 issues.append(f"{src}: only {c} questions available (asked for {cfg.per_language})")
     for line in issues:
-        print(f"prepare: {line}", file=sys.stderr)
+        log.warning("prepare: %s", line)
 
     # Drop duplicate pairs (the first occurrence stays), then split and mix with the seed.
     seen, kept, dropped = set(), [], {s: 0 for s in sources}
@@ -409,7 +411,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         if existing.get("data_hash") != data_hash:
             raise PolyalignError(f"{out} holds a set built from other source data (the files changed since); "
                                  f"choose another --output")
-        print(f"prepare: {out} already holds this set; nothing to do", file=sys.stderr)
+        log.warning("prepare: %s already holds this set; nothing to do", out)
         return existing
 
     per_source = {}
