@@ -321,6 +321,9 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> EvalResult:
             raise PolyalignError(f"unknown label mode {m!r}; use {', '.join(LABEL_MODES)}")
     if cfg.limit is not None and cfg.limit <= 0:
         raise PolyalignError("--limit must be a positive number")
+    from polyalign.evaluation.scoring import RULES
+    if cfg.scoring not in RULES:     # the CLI's choices catch it there; from Python, before the model loads
+        raise PolyalignError(f"unknown scoring rule {cfg.scoring!r}; use one of {', '.join(RULES)}")
     check_lengths(cfg.batch_tokens, cfg.max_length)
     from polyalign.models import check_adapter, from_loaded, resolve_device, resolve_dtype
     if model is not None:
