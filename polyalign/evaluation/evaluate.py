@@ -543,7 +543,7 @@ def _write_results(output, cfg, lm, machine, rows, issues, overlaps, seconds, it
     results = {
         "rows": rows,
         "averages": averages(rows),
-        "model": {"name": cfg.model, "adapter": cfg.adapter, "dtype": str(lm.dtype).replace("torch.", ""),
+        "model": {"name": cfg.model, "adapter": lm.adapter, "dtype": str(lm.dtype).replace("torch.", ""),
                   "device": str(lm.device)},
         "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "extra")},
         "versions": versions(),
