@@ -87,7 +87,6 @@ def test_in_memory_equals_the_files_of_an_output_run(tmp_path, tiny_llama_path, 
     assert f"results: {out / 'results.json'}" in printed and "toy_polarity" in printed
     on_disk = json.loads((out / "results.json").read_text("utf-8"))
 
-    assert not list(Path.cwd().glob("runs/eval"))       # in memory: nothing written
     got = in_memory.to_dict()
     assert got["rows"] == on_disk["rows"] and got["averages"] == on_disk["averages"]
     assert set(got) == set(on_disk)
@@ -276,3 +275,37 @@ def test_the_example_session_runs_on_a_tiny_model(tmp_path, tiny_llama_path):
     assert any(line.startswith("lens zh: n=4") for line in lines), proc.stdout
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lens.png"]     # in memory: nothing else written
+
+
+@pytest.mark.slow
+def test_in_memory_under_two_processes_gathers_every_sample(tmp_path, tiny_llama_path, toy_task, in_memory):
+    """torchrun, two CPU processes, no output folder: rank 0 returns every item, each scored once."""
+    import socket
+    launcher = Path(sys.executable).with_name("torchrun")
+    if not launcher.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    task, data = toy_task
+    script = tmp_path / "session.py"
+    script.write_text(
+        "import json, sys, polyalign as pa\n"
+        f"r = pa.evaluate({tiny_llama_path!r}, tasks=[{task!r}], data={data!r}, langs=['en', 'de'],\n"
+        "                labels=['english', 'native'], batch_tokens=160, dtype='fp32', device='cpu', progress=False)\n"
+        "if r is not None:\n"
+        f"    json.dump({{'rows': r.to_dict()['rows'], 'samples': r.samples, 'scored': r.timing['items_scored']}},\n"
+        f"              open({str(tmp_path / 'out.json')!r}, 'w'))\n", "utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "--master_port", str(port), str(script)],
+                          capture_output=True, text=True, env={**_env(), "CUDA_VISIBLE_DEVICES": ""}, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text("utf-8"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "session.py"]   # nothing else written
+    assert 0 < got["scored"] < 48                   # the work was shared
+    assert [(r["lang"], r["labels"], r["n"], r["acc"]) for r in got["rows"]] == \
+        [(r.lang, r.labels, r.n, r.acc) for r in in_memory.rows]
+    assert [(s["id"], s["lang"], s["labels"], s["pred"]) for s in got["samples"]] == \
+        [(s["id"], s["lang"], s["labels"], s["pred"]) for s in in_memory.samples]
+    for a, b in zip(got["samples"], in_memory.samples):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
