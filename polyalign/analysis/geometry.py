@@ -28,9 +28,10 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.analysis.lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_lengths, check_mode,
-                   config_from_args, load_items, model_specs, prepare_prompts, prompt_texts, release_memory,
-                   write_csv, write_npz)
+from polyalign.analysis.common import (ModelSpec, cache_key, check_mode, load_items, model_specs, prompt_texts,
+                                       release_memory, write_csv, write_npz)
+from polyalign.analysis.lens import add_model_arguments, config_from_args
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.store import content_hash, write_json
 from polyalign.tasks import LABEL_MODES, load_task
 
