@@ -2,12 +2,7 @@
 texts, the hash that keys their per-(model, language) caches, and their CSV and npz files."""
 from __future__ import annotations
 
-import csv
 import gc
-import io
-import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,32 +10,32 @@ import numpy as np
 import torch
 
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_atomic
+from polyalign.store import atomic_path, content_hash, safe_name
 from polyalign.tasks import LABEL_MODES, Task
 
 
 # ============================================================================= shared: models
 @dataclass(frozen=True)
-class ModelSpec:
+class AnalysedModel:
     """One model to analyse: `label` names it in every output ("base", or the adapter folder's name)."""
     label: str
     model: str
     adapter: str | None = None
 
 
-def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[ModelSpec]:
+def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[AnalysedModel]:
     """`--model M [--adapter A] [--compare-adapter B ...]` -> [M(+A), M+B, ...]; labels are unique."""
     compare = [compare_adapter] if isinstance(compare_adapter, str) else list(compare_adapter or [])
     specs, seen = [], set()
     for a in [adapter, *compare]:
         if a is not None and not Path(a, "adapter_config.json").exists():
             raise PolyalignError(f"no PEFT adapter at {a!r} (adapter_config.json missing)")
-        label = "base" if a is None else (re.sub(r"[^\w.+-]+", "_", Path(a).resolve().name) or "adapter")
+        label = "base" if a is None else safe_name(Path(a).resolve().name, keep=r"\w.+-", fallback="adapter")
         base, k = label, 2
         while label in seen:
             label, k = f"{base}-{k}", k + 1
         seen.add(label)
-        specs.append(ModelSpec(label, model, a))
+        specs.append(AnalysedModel(label, model, a))
     return specs
 
 
@@ -48,7 +43,7 @@ def _file_fingerprint(path: Path) -> list:
     return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
 
 
-def model_fingerprint(spec: ModelSpec) -> dict:
+def model_fingerprint(spec: AnalysedModel) -> dict:
     """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
     fp: dict = {"model": spec.model}
     root = Path(spec.model)
@@ -82,31 +77,13 @@ def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[st
 
 
 # ============================================================================= shared: files
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow([_fmt(v) for v in r])
-    write_atomic(Path(path), buf.getvalue())
-
-
-def _fmt(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(float(v)) else f"{float(v):.6g}"
-    return v
+CSV_FLOATS = ".6g"   # the format of the numbers in the analyses' CSV files (store.write_csv's float_format)
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez into a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_items(task: Task, langs: list[str], data, limit, trust_file_labels) -> tuple[dict[str, list[dict]], list[str]]:
@@ -122,7 +99,7 @@ def check_mode(mode: str) -> None:
         raise PolyalignError(f"unknown label mode {mode!r}; use {', '.join(LABEL_MODES)}")
 
 
-def cache_key(spec: ModelSpec, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
+def cache_key(spec: AnalysedModel, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
     """Hash of what determines one (model, language)'s results, for lens parts and geometry states:
     the weights (and adapter), dtype, context limit, task file, language, label mode, prompts, `extra`."""
     from polyalign.models import resolve_device, resolve_dtype

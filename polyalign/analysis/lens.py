@@ -33,9 +33,9 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.analysis.common import (ModelSpec, cache_key, check_mode, load_items, model_specs, prompt_texts,
-                                       release_memory, write_csv, write_npz)
-from polyalign.store import content_hash, write_json
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
+                                       prompt_texts, release_memory, write_npz)
+from polyalign.store import content_hash, write_csv, write_json
 from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
 
@@ -301,7 +301,7 @@ def run_lens(cfg: LensConfig) -> dict:
     task_hash = content_hash(Path(task.path).read_text("utf-8"))
     results: dict[str, dict[str, dict]] = {s.label: {} for s in specs}     # label -> lang -> arrays
     set_info: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
-    todo: dict[ModelSpec, list] = {}
+    todo: dict[AnalysedModel, list] = {}
     for spec in specs:
         for lang in langs:
             key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
@@ -341,10 +341,10 @@ def run_lens(cfg: LensConfig) -> dict:
         info["layers"] = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
         model_info.append(info)
     bar.close()
-    return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
+    return write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 
-def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
+def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
     output = Path(cfg.output)
     csv_rows, excl_rows, stats, readings = [], [], {}, {}
     arrays = {}
@@ -364,8 +364,9 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
                 mean, lo, hi = st[m]
                 for layer in range(len(mean)) if st["n"] else []:
                     csv_rows.append([spec.label, lang, layer, m, mean[layer], lo[layer], hi[layer], st["n"]])
-    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows)
-    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows)
+    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows,
+              CSV_FLOATS)
+    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows, CSV_FLOATS)
     write_npz(output / "samples.npz", arrays)
     print(format_excluded(excl_rows, cfg.keep_overlapping))
 
