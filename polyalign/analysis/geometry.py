@@ -29,10 +29,11 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.analysis.lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_lengths, check_mode,
-                   config_from_args, load_items, model_specs, prepare_prompts, prompt_texts, release_memory,
-                   write_csv, write_npz)
-from polyalign.store import content_hash, write_json
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
+                                       prompt_texts, release_memory, write_npz)
+from polyalign.analysis.lens import add_model_arguments, config_from_args
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
+from polyalign.store import content_hash, write_csv, write_json
 from polyalign.tasks import LABEL_MODES, load_task
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     return out
 
 
-def states_key(spec: ModelSpec, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str], **extra) -> str:
+def states_key(spec: AnalysedModel, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str],
+               **extra) -> str:
     return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling, **extra)
 
 
@@ -322,7 +324,7 @@ def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> Geometry
                                  "with peft.PeftModel.from_pretrained(model, adapter) instead")
         preloaded = from_loaded(model, tokenizer)
         cfg = replace(cfg, model=preloaded.name)
-        specs = [ModelSpec("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
     else:
         specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
@@ -398,10 +400,10 @@ def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> Geometry
         states[s.label] = {lang: states[s.label][lang] for lang in langs}
         shape = next(iter(states[s.label].values())).shape
         model_info[s.label].update({"layers": shape[1] - 1, "hidden": shape[2]})
-    return write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
+    return write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
 
 
-def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> GeometryResult:
+def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> GeometryResult:
     """The analysis of every model's states, and (with an output folder) its CSVs, figures, summary."""
     output = Path(cfg.output) if cfg.output is not None else None
     n_layers = {s.label: model_info[s.label]["layers"] for s in specs}
@@ -415,9 +417,9 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
     align_header = ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"]
     align_rows = [[s.label, *row] for s in specs for row in results[s.label][3]]
     if output is not None:
-        write_csv(output / "pearson.csv", pearson_header, pearson_rows)
+        write_csv(output / "pearson.csv", pearson_header, pearson_rows, CSV_FLOATS)
     if pivot is not None and output is not None:
-        write_csv(output / "alignment.csv", align_header, align_rows)
+        write_csv(output / "alignment.csv", align_header, align_rows, CSV_FLOATS)
     ref = specs[0].label
     delta_rows = []
     if pivot is not None and len(specs) > 1:
@@ -429,7 +431,7 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
         if output is not None:
             write_csv(output / "alignment_delta.csv",
                       ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel",
-                       "d_retrieval_acc"], delta_rows)
+                       "d_retrieval_acc"], delta_rows, CSV_FLOATS)
 
     figures = []
     if output is not None:

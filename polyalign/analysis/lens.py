@@ -16,19 +16,14 @@ Only the answer position is unembedded; the demos' KV cache is computed once per
 Outputs in --output: lens.csv, samples.npz, excluded.csv, lens_<lang>.png, lens_overlay.png (two
 or more models), summary.json, and parts/<model>/<lang>.npz: each (model, language) saved as soon as
 it is done under a hash of what determines it, so a killed or repeated run computes only what is
-missing (--recompute ignores them). The helpers for models and prompts here are shared with geometry.
+missing (--recompute ignores them). What lens shares with geometry is in analysis/common.py.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
-import io
 import json
 import logging
 import math
-import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -39,8 +34,10 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_atomic, write_json
-from polyalign.engine.prompts import Prompt, PromptSet, batch_groups, check_lengths, prepare_prompts  # noqa: F401 (re-exported)
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
+                                       prompt_texts, release_memory, write_npz)
+from polyalign.store import content_hash, write_csv, write_json
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
 
 log = logging.getLogger(__name__)
@@ -49,104 +46,6 @@ MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "ent
 LN2 = math.log(2.0)
 LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to count as latent English
 PART_VERSION = 1    # bump when the per-language arrays change meaning
-
-
-# ============================================================================= shared: models
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to analyse: `label` names it in every output ("base", or the adapter folder's name)."""
-    label: str
-    model: str
-    adapter: str | None = None
-
-
-def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[ModelSpec]:
-    """`--model M [--adapter A] [--compare-adapter B ...]` -> [M(+A), M+B, ...]; labels are unique."""
-    compare = [compare_adapter] if isinstance(compare_adapter, str) else list(compare_adapter or [])
-    specs, seen = [], set()
-    for a in [adapter, *compare]:
-        if a is not None and not Path(a, "adapter_config.json").exists():
-            raise PolyalignError(f"no PEFT adapter at {a!r} (adapter_config.json missing)")
-        label = "base" if a is None else (re.sub(r"[^\w.+-]+", "_", Path(a).resolve().name) or "adapter")
-        base, k = label, 2
-        while label in seen:
-            label, k = f"{base}-{k}", k + 1
-        seen.add(label)
-        specs.append(ModelSpec(label, model, a))
-    return specs
-
-
-def _file_fingerprint(path: Path) -> list:
-    return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
-
-
-def model_fingerprint(spec: ModelSpec) -> dict:
-    """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
-    fp: dict = {"model": spec.model}
-    root = Path(spec.model)
-    if root.is_dir():
-        cfg = root / "config.json"
-        fp["config"] = content_hash(cfg.read_text("utf-8")) if cfg.exists() else None
-        fp["weights"] = [_file_fingerprint(p) for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))]
-    if spec.adapter:
-        import hashlib
-        h = hashlib.sha256()
-        for p in sorted(Path(spec.adapter).iterdir()):
-            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json"):
-                h.update(p.name.encode())
-                h.update(p.read_bytes())
-        fp["adapter"] = h.hexdigest()[:16]
-    return fp
-
-
-def release_memory() -> None:
-    """After the caller dropped its references to a model: free it before the next one loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ============================================================================= shared: prompts
-# Prompt preparation and batching live in polyalign.engine.prompts (shared with the evaluator).
-def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[str]:
-    prefix = task.demo_prefix(lang, mode)
-    return [prefix + task.query(lang, it) for it in items]
-
-
-# ============================================================================= shared: files
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow([_fmt(v) for v in r])
-    write_atomic(Path(path), buf.getvalue())
-
-
-def _fmt(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(float(v)) else f"{float(v):.6g}"
-    return v
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez into a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_items(task: Task, langs: list[str], data, limit, trust_file_labels) -> tuple[dict[str, list[dict]], list[str]]:
-    from polyalign.data import load_data
-    if limit is not None and limit <= 0:
-        raise PolyalignError("--limit must be a positive number")
-    loaded = load_data(task, langs, data, limit, trust_file_labels)
-    return loaded.items, loaded.issues
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,11 +70,6 @@ def config_from_args(cls, args: argparse.Namespace):
     kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
     kw["compare_adapter"] = list(kw.get("compare_adapter") or [])
     return cls(**kw)
-
-
-def check_mode(mode: str) -> None:
-    if mode not in LABEL_MODES:
-        raise PolyalignError(f"unknown label mode {mode!r}; use {', '.join(LABEL_MODES)}")
 
 
 # ============================================================================= lens: token sets
@@ -302,16 +196,6 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, mean - half, mean + half
 
 
-def cache_key(spec: ModelSpec, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
-    """Hash of what determines one (model, language)'s results, for lens parts and geometry states:
-    the weights (and adapter), dtype, context limit, task file, language, label mode, prompts, `extra`."""
-    from polyalign.models import resolve_device, resolve_dtype
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
-    return content_hash({"weights": model_fingerprint(spec), "dtype": dtype, "max_length": cfg.max_length,
-                         "task": task_hash, "lang": lang, "labels": cfg.labels, "prompts": content_hash(texts),
-                         **extra})
-
-
 def save_part(path: Path, key: str, arrays: dict[str, np.ndarray], tokens: dict) -> None:
     write_npz(path, {**arrays, "_key": np.array(key), "_tokens": np.array(json.dumps(tokens, ensure_ascii=False))})
 
@@ -409,7 +293,7 @@ class LensResult(Mapping):
     def figure(self, lang: str | None = None):
         """One language's Wendler-style panels (entropy strip, probability curves with 95% CI bands),
         or with lang=None the target and English answer curves of every language side by side."""
-        specs = [ModelSpec(label, "", None) for label in self.models]
+        specs = [AnalysedModel(label, "", None) for label in self.models]
         if lang is None:
             return overlay_figure(self.langs, specs, self.stats)
         if lang not in self.langs:
@@ -459,7 +343,7 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
                                  "with peft.PeftModel.from_pretrained(model, adapter) instead")
         preloaded = from_loaded(model, tokenizer)
         cfg = replace(cfg, model=preloaded.name)
-        specs = [ModelSpec("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
     else:
         specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
@@ -478,7 +362,7 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
         weights = {"loaded_weights": weights_fingerprint(preloaded.model), "torch_dtype": str(preloaded.dtype)}
     results: dict[str, dict[str, dict]] = {s.label: {} for s in specs}     # label -> lang -> arrays
     set_info: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
-    todo: dict[ModelSpec, list] = {}
+    todo: dict[AnalysedModel, list] = {}
     for spec in specs:
         for lang in langs:
             key = path = got = None
@@ -526,10 +410,10 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
         info["layers"] = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
         model_info.append(info)
     bar.close()
-    return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
+    return write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 
-def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> LensResult:
+def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> LensResult:
     """Statistics over the samples, and (with an output folder) the files: CSVs, samples.npz, figures."""
     output = Path(cfg.output) if cfg.output is not None else None
     csv_rows, excl_rows, stats, readings = [], [], {}, {}
@@ -552,8 +436,9 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
                     csv_rows.append([spec.label, lang, layer, m, mean[layer], lo[layer], hi[layer], st["n"]])
     csv_header = ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"]
     if output is not None:
-        write_csv(output / "lens.csv", csv_header, csv_rows)
-        write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows)
+        write_csv(output / "lens.csv", csv_header, csv_rows, CSV_FLOATS)
+        write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows,
+                  CSV_FLOATS)
         write_npz(output / "samples.npz", arrays)
     log.info("%s", format_excluded(excl_rows, cfg.keep_overlapping))
 
