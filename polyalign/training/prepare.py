@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 from importlib.resources import files
@@ -36,6 +36,8 @@ from polyalign.data import read_records
 from polyalign.errors import PolyalignError
 from polyalign.store import RunRecord, atomic_folder, claim_output, content_hash, safe_name, write_json, write_jsonl
 from polyalign.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
 
 INSTRUCTION = "\nTranslate the input from {source} to {target}:\n"
 
@@ -369,7 +371,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             if c < cfg.per_language:
                 issues.append(f"{src}: only {c} questions available (asked for {cfg.per_language})")
     for line in issues:
-        print(f"prepare: {line}", file=sys.stderr)
+        log.warning("prepare: %s", line)
 
     # Drop duplicate pairs (the first occurrence stays), then split and mix with the seed.
     seen, kept, dropped = set(), [], {s: 0 for s in sources}
@@ -388,7 +390,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         if existing.get("data_hash") != data_hash:
             raise PolyalignError(f"{out} holds a set built from other source data (the files changed since); "
                                  f"choose another --output")
-        print(f"prepare: {out} already holds this set; nothing to do", file=sys.stderr)
+        log.warning("prepare: %s already holds this set; nothing to do", out)
         return existing
 
     per_source = {}
