@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import logging
 import sys
 
 from polyalign.errors import PolyalignError
@@ -34,10 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConsoleHandler(logging.Handler):
+    """What the library logs, shown as the commands always showed it: INFO (tables, per-language
+    lines, where the results went) on stdout, warnings (data issues) on stderr, the bare message.
+    Written through tqdm so that a progress bar on screen is not torn; streams are looked up at
+    each record, so that a redirected sys.stdout (pytest's capsys) is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+            tqdm.write(self.format(record), file=sys.stdout if record.levelno < logging.WARNING else sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def console_logging():
+    """Show polyalign's log records on the console for the duration of one command, then undo it
+    (the library itself installs no handler: a notebook decides what it sees)."""
+    logger = logging.getLogger("polyalign")
+    handler, level = ConsoleHandler(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        importlib.import_module(args._module).main(args)
+        with console_logging():
+            importlib.import_module(args._module).main(args)
     except PolyalignError as e:
         message = " ".join(str(e).split())  # always one line
         print(f"polyalign {args.command}: error: {message}", file=sys.stderr)

@@ -16,7 +16,7 @@ from toydata import toy
 from conftest import make_model
 from polyalign import cli
 from polyalign.analysis import geometry
-from polyalign.analysis.lens import ModelSpec
+from polyalign.analysis.common import AnalysedModel as ModelSpec
 from polyalign.reporting.alignment import verdict
 from polyalign.reporting.report import build_report
 from polyalign.stats import paired_bootstrap_delta
@@ -55,7 +55,7 @@ def run_folder(tmp_path_factory, tiny_llama_path, tiny_tokenizer):
                   for lang in LANGS} for m in ("base", "de-en")}
     geo = step("geometry", "de-en", "steps/geometry")
     cfg = geometry.GeometryConfig(task=task, langs=",".join(LANGS), output=str(geo), layers="1")
-    geometry.write_outputs(cfg, load_task(task), LANGS, [ModelSpec("base", "m"), ModelSpec("de-en", "m", "a")],
+    geometry.write_geometry_outputs(cfg, load_task(task), LANGS, [ModelSpec("base", "m"), ModelSpec("de-en", "m", "a")],
                            states, "en", {m: {"label": m, "layers": 2, "hidden": 8} for m in states}, [], 12,
                            time.time())
     (geo / "done.json").write_text("{}", "utf-8")

@@ -104,6 +104,7 @@ def test_calibrated_scores_match_naive_forwards(calibrated_runs, tiny_llama_path
         row = next(r for r in results["rows"] if (r["lang"], r["labels"]) == (lang, mode))
         assert row["acc_calibrated"] == {m: pytest.approx(k / len(samples)) for m, k in n_right.items()}
         assert set(row["bias_calibrated"]) == {"contextual", "pmi"}
+        assert row["p_ref"]["contextual"] == pytest.approx(p_cf.tolist(), abs=1e-5)
 
 
 def test_calibration_flips_the_predictions_of_a_biased_model():
@@ -206,7 +207,7 @@ def test_resume_of_a_calibrated_run_gives_the_files_of_an_uninterrupted_one(cali
     assert cal == sorted(str(p.relative_to(ref)) for p in (ref / "calibration").rglob("*.json"))
     got = json.loads((out / "results.json").read_text("utf-8"))["rows"]
     want = json.loads((ref / "results.json").read_text("utf-8"))["rows"]
-    keys = ("acc", "acc_calibrated", "bias", "bias_calibrated")
+    keys = ("acc", "acc_calibrated", "bias", "bias_calibrated", "p_ref")
     assert [{k: r[k] for k in keys} for r in got] == [{k: r[k] for k in keys} for r in want]
 
     # A folder with calibrated lines refuses an uncalibrated resume (lines would mix).

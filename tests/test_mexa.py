@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from polyalign.analysis import geometry, mexa
-from polyalign.analysis.lens import ModelSpec
+from polyalign.analysis.common import AnalysedModel as ModelSpec
 from polyalign.tasks import load_task
 from tinytask import write_tiny_task
 
@@ -99,7 +99,7 @@ def test_geometry_writes_mexa_per_model_and_the_difference(tmp_path):
     specs = [ModelSpec("base", "m"), ModelSpec("qalign", "m", "adapter")]
     info = {s.label: {"label": s.label, "layers": 2, "hidden": 6} for s in specs}
     cfg = geometry.GeometryConfig(task=task_path, langs="en,zh,sw", output=str(tmp_path / "geo"), layers="1")
-    summary = geometry.write_outputs(cfg, load_task(task_path), langs, specs, states, "en", info, [], n, time.time())
+    summary = geometry.write_geometry_outputs(cfg, load_task(task_path), langs, specs, states, "en", info, [], n, time.time())
     m = summary["mexa"]
     assert m["pivot"] == "en" and m["center"] == "lang"
     for label in ("base", "qalign"):

@@ -20,9 +20,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,14 @@ import torch
 from polyalign import languages
 from polyalign.analysis import mexa
 from polyalign.errors import PolyalignError
-from polyalign.analysis.lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_lengths, check_mode,
-                   config_from_args, load_items, model_specs, prepare_prompts, prompt_texts, release_memory,
-                   write_csv, write_npz)
-from polyalign.store import content_hash, write_json
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
+                                       prompt_texts, release_memory, write_npz)
+from polyalign.analysis.lens import add_model_arguments, config_from_args
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
+from polyalign.store import content_hash, write_csv, write_json
 from polyalign.tasks import LABEL_MODES, load_task
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "query-mean", "last")
 CENTERS = ("lang", "joint", "none")
@@ -129,8 +133,9 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     return out
 
 
-def states_key(spec: ModelSpec, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str]) -> str:
-    return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling)
+def states_key(spec: AnalysedModel, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str],
+               **extra) -> str:
+    return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling, **extra)
 
 
 def _pool_name(pooling: str) -> str:
@@ -262,8 +267,43 @@ def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
 
 
 # ============================================================================= command
-def run_geometry(cfg: GeometryConfig) -> dict:
+@dataclass
+class GeometryResult(Mapping):
+    """What `run_geometry` found. `summary` is summary.json's content (the result also reads like it:
+    `result["per_layer"]`); `pearson` and `alignment` are the rows of pearson.csv and alignment.csv
+    at every layer; `states[model][lang]` the pooled hidden states [items, layers + 1, hidden]."""
+    summary: dict
+    pearson: list[dict]
+    alignment: list[dict]
+    states: dict
+    output: Path | None = None
+
+    def to_pandas(self, what: str = "alignment"):
+        """`alignment` or `pearson` as a pandas DataFrame (pandas is not a dependency)."""
+        if what not in ("alignment", "pearson"):
+            raise PolyalignError(f"to_pandas: unknown table {what!r}; use alignment or pearson")
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame(getattr(self, what))
+
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def __iter__(self):
+        return iter(self.summary)
+
+    def __len__(self):
+        return len(self.summary)
+
+
+def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> GeometryResult:
+    """Hidden-state geometry of `cfg.model` (with cfg.adapter, and each of cfg.compare_adapter), or of
+    the loaded `model` with its `tokenizer`. With `cfg.output` None nothing is written or cached."""
     from tqdm.auto import tqdm
+
+    from polyalign.models import from_loaded
 
     started = time.time()
     task = load_task(cfg.task)
@@ -280,7 +320,16 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         raise PolyalignError("--langs lists a language twice")
     for lang in langs:
         task.demo_prefix(lang, cfg.labels)
-    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    preloaded = None
+    if model is not None:
+        if cfg.adapter or cfg.compare_adapter:
+            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
+                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
+        preloaded = from_loaded(model, tokenizer)
+        cfg = replace(cfg, model=preloaded.name)
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+    else:
+        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     n = min(len(items[lang]) for lang in langs)
     if any(len(items[lang]) != n for lang in langs):
@@ -290,23 +339,30 @@ def run_geometry(cfg: GeometryConfig) -> dict:
     if n < 3:
         raise PolyalignError(f"geometry needs at least 3 parallel items per language; got {n}")
     for line in issues:
-        print(f"data: {line}", file=sys.stderr)
+        log.warning("data: %s", line)
     pivot = cfg.pivot if cfg.pivot in langs else None
     if pivot is None:
-        print(f"geometry: MEXA and the alignment metrics need English or the pivot named with --pivot among "
-              f"--langs ({cfg.pivot!r} is not); they are skipped", file=sys.stderr)
+        log.warning("geometry: MEXA and the alignment metrics need English or the pivot named with --pivot among "
+                    "--langs (%r is not); they are skipped", cfg.pivot)
 
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
     task_hash = content_hash(Path(task.path).read_text("utf-8"))
-    keys = {(s.label, lang): states_key(s, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]))
-            for s in specs for lang in langs}
+    weights = {}
+    if preloaded is not None and output is not None:   # a name says nothing about weights changed in memory
+        from polyalign.models import weights_fingerprint
+        weights = {"loaded_weights": weights_fingerprint(preloaded.model), "torch_dtype": str(preloaded.dtype)}
+    keys = {(s.label, lang): states_key(s, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
+                                        **weights)
+            for s in specs for lang in langs} if output is not None else {}
     states: dict[str, dict[str, np.ndarray]] = {s.label: {} for s in specs}
     todo = []
     for s in specs:
         for lang in langs:
-            path = output / "states" / s.label / f"{lang}.npz"
-            cached = None if cfg.recompute else load_cached(path, keys[s.label, lang], cfg.pooling)
+            cached = None
+            if output is not None and not cfg.recompute:
+                cached = load_cached(output / "states" / s.label / f"{lang}.npz", keys[s.label, lang], cfg.pooling)
             if cached is not None and len(cached) == n:
                 states[s.label][lang] = cached
             else:
@@ -323,16 +379,22 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         from polyalign.engine.runner import PrefixRunner
         from polyalign.engine.model_parts import max_context
         t0 = time.perf_counter()
-        lm = load_model(s.model, cfg.dtype, cfg.device, s.adapter, progress=cfg.progress)
+        lm = preloaded or load_model(s.model, cfg.dtype, cfg.device, s.adapter, progress=cfg.progress)
+        was_training = lm.model.training
+        lm.model.eval()
         runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
         limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
-        for lang in mine:
-            bar.set_postfix_str(f"{s.label}/{lang}")
-            ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-            st = collect_states(runner, ps, cfg.pooling, bar)
-            save_cached(output / "states" / s.label / f"{lang}.npz", keys[s.label, lang], cfg.pooling, st,
-                        items[lang], cfg.states_dtype)
-            states[s.label][lang] = st.astype(cfg.states_dtype).astype(np.float32)
+        try:
+            for lang in mine:
+                bar.set_postfix_str(f"{s.label}/{lang}")
+                ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+                st = collect_states(runner, ps, cfg.pooling, bar)
+                if output is not None:
+                    save_cached(output / "states" / s.label / f"{lang}.npz", keys[s.label, lang], cfg.pooling, st,
+                                items[lang], cfg.states_dtype)
+                states[s.label][lang] = st.astype(cfg.states_dtype).astype(np.float32)
+        finally:
+            lm.model.train(was_training)
         model_info[s.label].update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                                     "seconds": round(time.perf_counter() - t0, 3)})
         del lm, runner
@@ -342,23 +404,26 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         states[s.label] = {lang: states[s.label][lang] for lang in langs}
         shape = next(iter(states[s.label].values())).shape
         model_info[s.label].update({"layers": shape[1] - 1, "hidden": shape[2]})
-    return write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
+    return write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
 
 
-def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> dict:
-    output = Path(cfg.output)
+def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> GeometryResult:
+    """The analysis of every model's states, and (with an output folder) its CSVs, figures, summary."""
+    output = Path(cfg.output) if cfg.output is not None else None
     n_layers = {s.label: model_info[s.label]["layers"] for s in specs}
     if len(set(n_layers.values())) != 1:
         raise PolyalignError(f"the models differ in depth: {n_layers}")
     chosen = parse_layers(cfg.layers, next(iter(n_layers.values())))
     results = {s.label: analyse(states[s.label], pivot, cfg.center) for s in specs}
 
-    write_csv(output / "pearson.csv", ["model", "layer", "lang_a", "lang_b", "r"],
-              [[s.label, *row] for s in specs for row in results[s.label][2]])
+    pearson_header = ["model", "layer", "lang_a", "lang_b", "r"]
+    pearson_rows = [[s.label, *row] for s in specs for row in results[s.label][2]]
+    align_header = ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"]
     align_rows = [[s.label, *row] for s in specs for row in results[s.label][3]]
-    if pivot is not None:
-        write_csv(output / "alignment.csv",
-                  ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"], align_rows)
+    if output is not None:
+        write_csv(output / "pearson.csv", pearson_header, pearson_rows, CSV_FLOATS)
+    if pivot is not None and output is not None:
+        write_csv(output / "alignment.csv", align_header, align_rows, CSV_FLOATS)
     ref = specs[0].label
     delta_rows = []
     if pivot is not None and len(specs) > 1:
@@ -367,9 +432,10 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
             if r[0] != ref:
                 b = base[(r[1], r[2])]
                 delta_rows.append([r[0], ref, r[1], r[2], *(x - y for x, y in zip(r[3:], b))])
-        write_csv(output / "alignment_delta.csv",
-                  ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel", "d_retrieval_acc"],
-                  delta_rows)
+        if output is not None:
+            write_csv(output / "alignment_delta.csv",
+                      ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel",
+                       "d_retrieval_acc"], delta_rows, CSV_FLOATS)
 
     # issue 12: MEXA into the pivot, after the same centering as the alignment metrics
     mexa_summary = None
@@ -377,10 +443,11 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
         mexa_summary = mexa_outputs(output, specs, states, pivot, cfg.center)
 
     figures = []
-    for layer in chosen:
-        figures.append(str(plot_pca(output / f"pca_layer{layer}.png", layer, langs, specs, results)))
-        figures.append(str(plot_pearson(output / f"pearson_layer{layer}.png", layer, langs, specs, results)))
-    figures.append(str(plot_alignment(output / "alignment.png", langs, specs, results, pivot, cfg.center)))
+    if output is not None:
+        for layer in chosen:
+            figures.append(str(plot_pca(output / f"pca_layer{layer}.png", layer, langs, specs, results)))
+            figures.append(str(plot_pearson(output / f"pearson_layer{layer}.png", layer, langs, specs, results)))
+        figures.append(str(plot_alignment(output / "alignment.png", langs, specs, results, pivot, cfg.center)))
 
     summary = {
         "command": "geometry",
@@ -422,19 +489,24 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
                                        for k, v in entry[s.label]["alignment_mean"].items()}
             entry[f"{s.label}-minus-{ref}"] = d
         summary["per_layer"][str(layer)] = entry
-    write_json(output / "summary.json", summary)
-    print(format_summary(summary, specs, pivot))
-    print(f"geometry: {output / 'summary.json'}")
-    return summary
+    if output is not None:
+        write_json(output / "summary.json", summary)
+    log.info("%s", format_summary(summary, specs, pivot))
+    if output is not None:
+        log.info("geometry: %s", output / "summary.json")
+    return GeometryResult(summary, [dict(zip(pearson_header, r)) for r in pearson_rows],
+                          [dict(zip(align_header, r)) for r in align_rows], states, output)
 
 
-def mexa_outputs(output: Path, specs, states, pivot: str, how: str) -> dict:
-    """mexa.csv (model, layer, lang, mexa) and the summary's `mexa` entry: per model and language the
-    per-layer scores and their mean/max over layers, and each adapter's difference from the first model."""
+def mexa_outputs(output: Path | None, specs, states, pivot: str, how: str) -> dict:
+    """mexa.csv (model, layer, lang, mexa; with an output folder) and the summary's `mexa` entry: per
+    model and language the per-layer scores and their mean/max over layers, and each adapter's
+    difference from the first model."""
     scores = {s.label: mexa.mexa_scores(center(states[s.label], how), pivot) for s in specs}
-    write_csv(output / "mexa.csv", ["model", "layer", "lang", "mexa"],
-              [[label, layer, lang, v] for label, per in scores.items() for lang, e in per.items()
-               for layer, v in enumerate(e["per_layer"])])
+    if output is not None:
+        write_csv(output / "mexa.csv", ["model", "layer", "lang", "mexa"],
+                  [[label, layer, lang, v] for label, per in scores.items() for lang, e in per.items()
+                   for layer, v in enumerate(e["per_layer"])], CSV_FLOATS)
     ref = specs[0].label
     delta = {f"{s.label}-minus-{ref}": {lang: {k: e[k] - scores[ref][lang][k] for k in ("mean", "max")}
                                         for lang, e in scores[s.label].items()} for s in specs[1:]}

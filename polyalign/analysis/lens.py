@@ -16,21 +16,17 @@ Only the answer position is unembedded; the demos' KV cache is computed once per
 Outputs in --output: lens.csv, samples.npz, excluded.csv, lens_<lang>.png, lens_overlay.png (two
 or more models), summary.json, and parts/<model>/<lang>.npz: each (model, language) saved as soon as
 it is done under a hash of what determines it, so a killed or repeated run computes only what is
-missing (--recompute ignores them). The helpers for models and prompts here are shared with geometry.
+missing (--recompute ignores them). What lens shares with geometry is in analysis/common.py.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
-import io
 import json
+import logging
 import math
-import os
-import re
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,112 +34,18 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_atomic, write_json
-from polyalign.engine.prompts import Prompt, PromptSet, batch_groups, check_lengths, prepare_prompts  # noqa: F401 (re-exported)
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
+                                       prompt_texts, release_memory, write_npz)
+from polyalign.store import content_hash, write_csv, write_json
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
+
+log = logging.getLogger(__name__)
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
 LN2 = math.log(2.0)
 LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to count as latent English
 PART_VERSION = 1    # bump when the per-language arrays change meaning
-
-
-# ============================================================================= shared: models
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to analyse: `label` names it in every output ("base", or the adapter folder's name)."""
-    label: str
-    model: str
-    adapter: str | None = None
-
-
-def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[ModelSpec]:
-    """`--model M [--adapter A] [--compare-adapter B ...]` -> [M(+A), M+B, ...]; labels are unique."""
-    compare = [compare_adapter] if isinstance(compare_adapter, str) else list(compare_adapter or [])
-    specs, seen = [], set()
-    for a in [adapter, *compare]:
-        if a is not None and not Path(a, "adapter_config.json").exists():
-            raise PolyalignError(f"no PEFT adapter at {a!r} (adapter_config.json missing)")
-        label = "base" if a is None else (re.sub(r"[^\w.+-]+", "_", Path(a).resolve().name) or "adapter")
-        base, k = label, 2
-        while label in seen:
-            label, k = f"{base}-{k}", k + 1
-        seen.add(label)
-        specs.append(ModelSpec(label, model, a))
-    return specs
-
-
-def _file_fingerprint(path: Path) -> list:
-    return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
-
-
-def model_fingerprint(spec: ModelSpec) -> dict:
-    """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
-    fp: dict = {"model": spec.model}
-    root = Path(spec.model)
-    if root.is_dir():
-        cfg = root / "config.json"
-        fp["config"] = content_hash(cfg.read_text("utf-8")) if cfg.exists() else None
-        fp["weights"] = [_file_fingerprint(p) for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))]
-    if spec.adapter:
-        import hashlib
-        h = hashlib.sha256()
-        for p in sorted(Path(spec.adapter).iterdir()):
-            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json"):
-                h.update(p.name.encode())
-                h.update(p.read_bytes())
-        fp["adapter"] = h.hexdigest()[:16]
-    return fp
-
-
-def release_memory() -> None:
-    """After the caller dropped its references to a model: free it before the next one loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ============================================================================= shared: prompts
-# Prompt preparation and batching live in polyalign.engine.prompts (shared with the evaluator).
-def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[str]:
-    prefix = task.demo_prefix(lang, mode)
-    return [prefix + task.query(lang, it) for it in items]
-
-
-# ============================================================================= shared: files
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow([_fmt(v) for v in r])
-    write_atomic(Path(path), buf.getvalue())
-
-
-def _fmt(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(float(v)) else f"{float(v):.6g}"
-    return v
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez into a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_items(task: Task, langs: list[str], data, limit, trust_file_labels) -> tuple[dict[str, list[dict]], list[str]]:
-    from polyalign.data import load_data
-    if limit is not None and limit <= 0:
-        raise PolyalignError("--limit must be a positive number")
-    loaded = load_data(task, langs, data, limit, trust_file_labels)
-    return loaded.items, loaded.issues
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,11 +70,6 @@ def config_from_args(cls, args: argparse.Namespace):
     kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
     kw["compare_adapter"] = list(kw.get("compare_adapter") or [])
     return cls(**kw)
-
-
-def check_mode(mode: str) -> None:
-    if mode not in LABEL_MODES:
-        raise PolyalignError(f"unknown label mode {mode!r}; use {', '.join(LABEL_MODES)}")
 
 
 # ============================================================================= lens: token sets
@@ -299,16 +196,6 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, mean - half, mean + half
 
 
-def cache_key(spec: ModelSpec, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
-    """Hash of what determines one (model, language)'s results, for lens parts and geometry states:
-    the weights (and adapter), dtype, context limit, task file, language, label mode, prompts, `extra`."""
-    from polyalign.models import resolve_device, resolve_dtype
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
-    return content_hash({"weights": model_fingerprint(spec), "dtype": dtype, "max_length": cfg.max_length,
-                         "task": task_hash, "lang": lang, "labels": cfg.labels, "prompts": content_hash(texts),
-                         **extra})
-
-
 def save_part(path: Path, key: str, arrays: dict[str, np.ndarray], tokens: dict) -> None:
     write_npz(path, {**arrays, "_key": np.array(key), "_tokens": np.array(json.dumps(tokens, ensure_ascii=False))})
 
@@ -389,10 +276,54 @@ def main(args: argparse.Namespace) -> None:
     run_lens(config_from_args(LensConfig, args))
 
 
-def run_lens(cfg: LensConfig) -> dict:
+@dataclass
+class LensResult(Mapping):
+    """What `run_lens` found. `summary` is summary.json's content (the result also reads like it:
+    `result["reading"]`); `stats[model][lang]` holds n and, per measure, the (mean, ci_low, ci_high)
+    arrays over layers; `samples[model][lang]` the per-sample arrays of samples.npz; `rows` the
+    lines of lens.csv. `figure()` draws the curves as a matplotlib Figure (no pyplot)."""
+    summary: dict
+    stats: dict
+    samples: dict
+    rows: list[dict]
+    models: list[str]
+    langs: list[str]
+    output: Path | None = None
+
+    def figure(self, lang: str | None = None):
+        """One language's Wendler-style panels (entropy strip, probability curves with 95% CI bands),
+        or with lang=None the target and English answer curves of every language side by side."""
+        specs = [AnalysedModel(label, "", None) for label in self.models]
+        if lang is None:
+            return overlay_figure(self.langs, specs, self.stats)
+        if lang not in self.langs:
+            raise PolyalignError(f"no lens results for {lang!r}; this result holds {', '.join(self.langs)}")
+        return lang_figure(lang, specs, self.stats)
+
+    def to_pandas(self):
+        """The rows of lens.csv as a pandas DataFrame (pandas is not a dependency)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.rows)
+
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def __iter__(self):
+        return iter(self.summary)
+
+    def __len__(self):
+        return len(self.summary)
+
+
+def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
+    """The lens of `cfg.model` (with cfg.adapter, and each of cfg.compare_adapter), or of the loaded
+    `model` with its `tokenizer`. With `cfg.output` None nothing is written (no parts to resume from)."""
     from tqdm.auto import tqdm
 
-    from polyalign.models import load_model
+    from polyalign.models import from_loaded, load_model
     from polyalign.engine.runner import PrefixRunner
     from polyalign.engine.model_parts import max_context
 
@@ -405,25 +336,41 @@ def run_lens(cfg: LensConfig) -> dict:
         task.demo_prefix(lang, cfg.labels)
         task.label_words(lang, "native")
         task.label_words(lang, "english")
-    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    preloaded = None
+    if model is not None:
+        if cfg.adapter or cfg.compare_adapter:
+            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
+                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
+        preloaded = from_loaded(model, tokenizer)
+        cfg = replace(cfg, model=preloaded.name)
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+    else:
+        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     for line in issues:
-        print(f"data: {line}", file=sys.stderr)
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+        log.warning("data: %s", line)
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
 
     # Each (model, language) is kept in parts/<model>/<lang>.npz under a hash of everything that
     # determines it: a killed or repeated run computes only what is missing.
     task_hash = content_hash(Path(task.path).read_text("utf-8"))
+    weights = {}
+    if preloaded is not None and output is not None:   # a name says nothing about weights changed in memory
+        from polyalign.models import weights_fingerprint
+        weights = {"loaded_weights": weights_fingerprint(preloaded.model), "torch_dtype": str(preloaded.dtype)}
     results: dict[str, dict[str, dict]] = {s.label: {} for s in specs}     # label -> lang -> arrays
     set_info: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
-    todo: dict[ModelSpec, list] = {}
+    todo: dict[AnalysedModel, list] = {}
     for spec in specs:
         for lang in langs:
-            key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
-                            v=PART_VERSION, gold=[it["label"] for it in items[lang]])
-            path = output / "parts" / spec.label / f"{lang}.npz"
-            got = None if cfg.recompute else load_part(path, key)
+            key = path = got = None
+            if output is not None:
+                key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
+                                v=PART_VERSION, gold=[it["label"] for it in items[lang]], **weights)
+                path = output / "parts" / spec.label / f"{lang}.npz"
+                got = None if cfg.recompute else load_part(path, key)
             if got is not None:
                 results[spec.label][lang], set_info[spec.label][lang] = got
             else:
@@ -435,21 +382,27 @@ def run_lens(cfg: LensConfig) -> dict:
         info = {"label": spec.label, "model": spec.model, "adapter": spec.adapter,
                 "cached_langs": sorted(results[spec.label])}
         if spec in todo:
-            lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+            lm = preloaded or load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+            was_training = lm.model.training
+            lm.model.eval()
             runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
             limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
             t0 = time.perf_counter()
-            for lang, key, path in todo[spec]:
-                bar.set_postfix_str(f"{spec.label}/{lang}")
-                sets = lens_sets(lm.tokenizer, task, lang)
-                ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-                arrays = run_group(lm.model, runner, ps, sets, bar)
-                tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
-                          "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
-                          "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
-                          "overlap": sets.overlap}
-                save_part(path, key, arrays, tokens)
-                results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
+            try:
+                for lang, key, path in todo[spec]:
+                    bar.set_postfix_str(f"{spec.label}/{lang}")
+                    sets = lens_sets(lm.tokenizer, task, lang)
+                    ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+                    arrays = run_group(lm.model, runner, ps, sets, bar)
+                    tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
+                              "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
+                              "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
+                              "overlap": sets.overlap}
+                    if path is not None:
+                        save_part(path, key, arrays, tokens)
+                    results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
+            finally:
+                lm.model.train(was_training)
             info.update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "seconds": round(time.perf_counter() - t0, 3)})
             del lm, runner
@@ -457,11 +410,12 @@ def run_lens(cfg: LensConfig) -> dict:
         info["layers"] = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
         model_info.append(info)
     bar.close()
-    return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
+    return write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 
-def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
-    output = Path(cfg.output)
+def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> LensResult:
+    """Statistics over the samples, and (with an output folder) the files: CSVs, samples.npz, figures."""
+    output = Path(cfg.output) if cfg.output is not None else None
     csv_rows, excl_rows, stats, readings = [], [], {}, {}
     arrays = {}
     for spec in specs:
@@ -480,17 +434,21 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
                 mean, lo, hi = st[m]
                 for layer in range(len(mean)) if st["n"] else []:
                     csv_rows.append([spec.label, lang, layer, m, mean[layer], lo[layer], hi[layer], st["n"]])
-    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows)
-    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows)
-    write_npz(output / "samples.npz", arrays)
-    print(format_excluded(excl_rows, cfg.keep_overlapping))
+    csv_header = ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"]
+    if output is not None:
+        write_csv(output / "lens.csv", csv_header, csv_rows, CSV_FLOATS)
+        write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows,
+                  CSV_FLOATS)
+        write_npz(output / "samples.npz", arrays)
+    log.info("%s", format_excluded(excl_rows, cfg.keep_overlapping))
 
     figures = []
-    for lang in langs:
-        if any(stats[s.label][lang]["n"] for s in specs):
-            figures.append(str(plot_lang(output / f"lens_{lang}.png", lang, specs, stats)))
-    if len(specs) > 1 and any(stats[s.label][lang]["n"] for s in specs for lang in langs):
-        figures.append(str(plot_overlay(output / "lens_overlay.png", langs, specs, stats)))
+    if output is not None:
+        for lang in langs:
+            if any(stats[s.label][lang]["n"] for s in specs):
+                figures.append(str(plot_lang(output / f"lens_{lang}.png", lang, specs, stats)))
+        if len(specs) > 1 and any(stats[s.label][lang]["n"] for s in specs for lang in langs):
+            figures.append(str(plot_overlay(output / "lens_overlay.png", langs, specs, stats)))
 
     summary = {
         "command": "lens",
@@ -509,10 +467,14 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
                   "(ddof=1) over readable samples; latent_english = at some intermediate layer the English "
                   f"answer's CI lies wholly above the target answer's and its mean is at least {LATENT_MIN}"),
     }
-    write_json(output / "summary.json", summary)
-    print(format_readings(readings))
-    print(f"lens: {output / 'lens.csv'}")
-    return summary
+    if output is not None:
+        write_json(output / "summary.json", summary)
+    log.info("%s", format_readings(readings))
+    if output is not None:
+        log.info("lens: %s", output / "lens.csv")
+    samples = {s.label: {lang: results[s.label][lang] for lang in langs} for s in specs}
+    return LensResult(summary, stats, samples, [dict(zip(csv_header, r)) for r in csv_rows],
+                      [s.label for s in specs], list(langs), output)
 
 
 def format_excluded(rows: list[list], kept: bool) -> str:
@@ -559,11 +521,17 @@ def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_a
 
 
 def plot_lang(path: Path, lang: str, specs, stats) -> Path:
-    """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above."""
     from polyalign.reporting import plots
-    plt = plots.plt
+    return plots.save(lang_figure(lang, specs, stats), path)
+
+
+def lang_figure(lang: str, specs, stats):
+    """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above."""
+    from matplotlib.figure import Figure
     shown = [s for s in specs if stats[s.label][lang]["n"]]
-    fig = plt.figure(figsize=(4.6 * len(shown), 4.2))
+    if not shown:
+        raise PolyalignError(f"no readable lens samples for {lang!r} to draw")
+    fig = Figure(figsize=(4.6 * len(shown), 4.2))
     gs = fig.add_gridspec(2, len(shown), height_ratios=[1, 7], hspace=0.08)
     vmax = max(float(np.nanmax(stats[s.label][lang]["entropy_bits"][0])) for s in shown)
     for j, s in enumerate(shown):
@@ -585,17 +553,26 @@ def plot_lang(path: Path, lang: str, specs, stats) -> Path:
         cb = fig.colorbar(im, ax=ax_e, orientation="vertical", fraction=0.04, pad=0.01)
         cb.set_label("bits", fontsize=7)
         cb.ax.tick_params(labelsize=6)
-    return plots.save(fig, path)
+    return fig
 
 
 def plot_overlay(path: Path, langs: list[str], specs, stats) -> Path:
-    """Target and English answer curves of every model, one panel per language."""
     from polyalign.reporting import plots
-    plt = plots.plt
+    return plots.save(overlay_figure(langs, specs, stats), path)
+
+
+def overlay_figure(langs: list[str], specs, stats):
+    """Target and English answer curves of every model, one panel per language."""
+    from matplotlib.figure import Figure
+
+    from polyalign.reporting import plots
     shown = [lang for lang in langs if any(stats[s.label][lang]["n"] for s in specs)]
+    if not shown:
+        raise PolyalignError("no readable lens samples to draw")
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    fig = Figure(figsize=(3.8 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, lang in zip(axes.flat, shown):
         for i, s in enumerate(specs):
             st = stats[s.label][lang]
@@ -607,4 +584,4 @@ def plot_overlay(path: Path, langs: list[str], specs, stats) -> Path:
     axes[0, 0].set_ylabel("probability")
     axes[0, 0].legend(loc="upper left", fontsize=7)
     fig.tight_layout()
-    return plots.save(fig, path)
+    return fig

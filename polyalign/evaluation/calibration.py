@@ -104,10 +104,12 @@ def reference_path(output: Path, task: str, mode: str, lang: str) -> Path:
     return output / "calibration" / task / mode / f"{lang}.json"
 
 
-def load_or_compute(scorer, group, output: Path, write: bool) -> dict:
+def load_or_compute(scorer, group, output: Path | None, write: bool) -> dict:
     """The group's reference distributions: the saved ones where this folder has them for the same
     prompts and rule (a resumed run then calibrates its remaining items with the same numbers), else
-    computed (and saved by the writing process)."""
+    computed (and saved by the writing process; with no output folder, only computed)."""
+    if output is None:
+        return {"version": FILE_VERSION, **reference_distributions(scorer, group)}
     path = reference_path(output, group.task.name, group.mode, group.lang)
     want = reference_texts(group.task, group.lang, _prefix_text(scorer, group))
     if path.exists():
@@ -121,6 +123,18 @@ def load_or_compute(scorer, group, output: Path, write: bool) -> dict:
     if write:
         write_json(path, refs)
     return refs
+
+
+def group_references(refs: dict | None, output: Path | None, task: str, mode: str, lang: str) -> dict | None:
+    """{method: reference distribution} of one group for its results.json row: this run's, or the
+    ones the folder saved when the group was scored earlier."""
+    if refs is None and output is not None:
+        path = reference_path(output, task, mode, lang)
+        try:
+            refs = json.loads(path.read_text("utf-8")) if path.exists() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            refs = None
+    return {m: refs[m] for m in METHODS} if refs else None
 
 
 # ----------------------------------------------------------------------------- calibrated scores
