@@ -275,3 +275,18 @@ def test_experiment_files_turn_calibration_on_and_check_it(tmp_path):
     off = X.load_experiment(demo=True, overrides=["eval.calibration=none"], check_data=False)
     off_eval = [s for s in X.plan(off) if s.kind == "eval"][0]
     assert "--calibration" not in off_eval.argv(off_eval, tmp_path)
+
+
+def test_in_memory_evaluation_gives_the_calibrated_fields_of_a_folder_run(calibrated_runs, tiny_llama_path):
+    import polyalign as pa
+    task, data, outs = calibrated_runs
+    result = pa.evaluate(tiny_llama_path, tasks=task, data=data, langs=["en", "de"], labels=["english", "native"],
+                         dtype="fp32", device=DEVICE, batch_tokens=160, calibration="pmi", progress=False)
+    want = json.loads((outs["paper"] / "results.json").read_text("utf-8"))["rows"]
+    got = [r.to_dict() for r in result.rows]
+    for key in ("acc_calibrated", "bias", "bias_calibrated", "p_ref"):
+        assert [r[key] for r in got] == [r[key] for r in want], key
+    by_id = {(s["lang"], s["labels"], s["id"]): s for s in result.samples}
+    for f in (outs["paper"] / "samples").rglob("*.jsonl"):
+        for s in lines(f):
+            assert by_id[(s["lang"], s["labels"], s["id"])]["calibrated"] == s["calibrated"]
