@@ -333,7 +333,7 @@ def broken_steps(run: Path, steps: list[dict]) -> dict[str, tuple[Path, str]]:
     """label -> (folder, problem) of the finished steps whose outputs are missing or do not parse: a
     step is done only while they are there (a deleted results.json would otherwise drop its setting
     from every table without a word)."""
-    from polyalign.experiment.run import outputs_problem
+    from polyalign.experiment.plan import outputs_problem
     out = {}
     for s in steps:
         if s.get("status") == "done" or (run / s["dir"] / "done.json").exists():
