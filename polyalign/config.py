@@ -121,6 +121,14 @@ def specs(cls) -> tuple[Spec, ...]:
     return _specs(cls)
 
 
+def spec(cls, name: str) -> Spec:
+    """The option `name` of `cls`."""
+    for s in _specs(cls):
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
 def names(cls) -> list[str]:
     return [s.name for s in _specs(cls)]
 

@@ -8,13 +8,13 @@ the keys of the steps it depends on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable
 
 from polyalign.errors import PolyalignError
-from polyalign.experiment.spec import Experiment, ModelSpec
+from polyalign import config as C
+from polyalign.experiment.spec import Experiment, ModelEntry, Setting
 from polyalign.store import content_hash
 
 SCHEMA_VERSION = 1
@@ -32,7 +32,7 @@ class Step:
     setting: str | None = None
     task: str | None = None
     folder_inputs: dict | None = None   # the inputs that name the folder (default: all of them)
-    argv: Callable[["Step", Path], list[str]] | None = None
+    config: object | None = None    # the command's config; step_config() adds the paths in the run folder
     key: str = ""
     folder_key: str = ""
 
@@ -114,36 +114,6 @@ def _count_items(task: str, langs: list[str], data: str | None, limit: int | Non
     return 500 * len(langs)
 
 
-def _flag(key: str) -> str:
-    return "--" + str(key).replace("_", "-")
-
-
-def _options(opts: dict) -> list[str]:
-    """{key: value} -> CLI flags; True -> bare flag, False/None -> left out, lists -> comma list."""
-    out = []
-    for key, value in opts.items():
-        if value is None or value is False:
-            continue
-        if value is True:
-            out.append(_flag(key))
-        else:
-            out += [_flag(key), ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return out
-
-
-def _kv(opts: dict) -> list[str]:
-    out = []
-    for key, value in opts.items():
-        if isinstance(value, (list, dict)):
-            value = json.dumps(value)
-        elif value is None:
-            value = "null"
-        elif isinstance(value, bool):
-            value = str(value).lower()
-        out.append(f"{key}={value}")
-    return out
-
-
 def adapter_dir(train_folder: Path) -> Path:
     """The folder holding the trained adapter (adapter_config.json) inside a train step's folder."""
     for cand in (train_folder, train_folder / "adapter", train_folder / "final", train_folder / "lora"):
@@ -156,140 +126,142 @@ def adapter_dir(train_folder: Path) -> Path:
     raise PolyalignError(f"the train step {train_folder} finished without an adapter (adapter_config.json)")
 
 
+# Which command runs a step of each kind.
+COMMAND_OF = {"eval": "evaluate", "prepare": "prepare", "train": "train", "lens": "lens", "geometry": "geometry"}
+# Eval options that name the eval folders whatever their value; any other option does when it is set
+# to something other than its default (so that adding an option keeps today's folders' names).
+EVAL_HASHED = ("scoring", "limit", "data", "max_length", "trust_file_labels")
+
+
 def plan(exp: Experiment) -> list[Step]:
-    """The ordered steps of an experiment, each with its hash key."""
+    """The ordered steps of an experiment, each with its hash key and its command's config."""
     steps: list[Step] = []
-    ev = exp.eval
-    eval_common = {"scoring": ev["scoring"], "limit": ev["limit"], "data": ev["data"],
-                   "max_length": ev["max_length"], "trust_file_labels": ev["trust_file_labels"]}
-    if ev["batch_tokens"]:
-        # It changes scores in the last bits (and evaluate refuses a folder scored with another
-        # value); named only when set, so that the folders of runs without it keep their names.
-        eval_common["batch_tokens"] = ev["batch_tokens"]
 
     def add(step: Step) -> Step:
         step.finalize()
         steps.append(step)
         return step
 
-    def eval_step(m: ModelSpec, task: str, train: Step | None, sname: str | None) -> Step:
-        folder_inputs = {"model": m.name, "dtype": m.dtype, "task": task, "task_file": _task_hash(task),
-                         **eval_common}
-        inputs = {**folder_inputs, "langs": ev["langs"], "labels": ev["labels"]}
-        n = _count_items(task, ev["langs"], ev["data"], ev["limit"]) * len(ev["labels"])
-        mlabel = f"{m.label} " if len(exp.models) > 1 else ""
-        label = f"eval {mlabel}{sname or 'base'} {task}"
-
-        def argv(step: Step, run: Path) -> list[str]:
-            a = ["evaluate", "--model", m.name, "--tasks", task, "--langs", ",".join(ev["langs"]),
-                 "--labels", ",".join(ev["labels"]), "--scoring", ev["scoring"],
-                 "--output", str(step.folder(run)), "--dtype", m.dtype, "--device", exp.device]
-            if train is not None:
-                a += ["--adapter", str(adapter_dir(train.folder(run)))]
-            if ev["data"]:
-                a += ["--data", ev["data"]]
-            if ev["limit"]:
-                a += ["--limit", str(ev["limit"])]
-            if ev["batch_tokens"]:
-                a += ["--batch-tokens", str(ev["batch_tokens"])]
-            if ev["max_length"]:
-                a += ["--max-length", str(ev["max_length"])]
-            if ev["trust_file_labels"]:
-                a.append("--trust-file-labels")
-            return a
-
-        return add(Step("eval", label, inputs, [train] if train else [],
-                        40 + n * (1.15 if train else 1.0), m.label, sname, task, folder_inputs, argv))
-
     trains: dict[tuple[str, str], Step] = {}
     prepares: dict[str, Step] = {}
     for m in exp.models:
-        for task in ev["tasks"]:
-            eval_step(m, task, None, None)
+        for task in exp.eval["tasks"]:
+            add(_eval_step(exp, m, task, None, None))
         for s in exp.settings:
             if s.name not in prepares:
-                popts = {k: v for k, v in {**exp.prepare, **s.prepare}.items() if k != "data"}
-                pin = {"task": s.task, "task_file": _task_hash(s.task), "sources": s.sources, "target": s.target,
-                       "per_language": s.per_language, "data": s.data, "seed": s.seed, "options": popts}
-                n_pairs = (s.per_language or 1000) * len(s.sources)
-
-                def pargv(step: Step, run: Path, s=s, popts=popts) -> list[str]:
-                    a = ["prepare", "--task", s.task, "--sources", ",".join(s.sources), "--target", s.target,
-                         "--output", str(step.folder(run)), "--seed", str(s.seed)]
-                    if s.per_language:
-                        a += ["--per-language", str(s.per_language)]
-                    if s.data:
-                        a += ["--data", s.data]
-                    return a + _options(popts)
-
-                prepares[s.name] = add(Step("prepare", f"prepare {s.name}", pin, [], 5 + n_pairs * 0.01,
-                                            None, s.name, s.task, None, pargv))
-            overrides = {**exp.train, **m.train, **s.train}
-            tin = {"model": m.name, "dtype": m.dtype, "seed": s.seed, "overrides": overrides}
-            n_pairs = (s.per_language or 1000) * len(s.sources)
-            epochs = overrides.get("epochs", overrides.get("num_train_epochs", 3))
-            work = n_pairs * float(epochs or 1)
-            if overrides.get("max_steps"):
-                batch = overrides.get("batch_size", 4) * overrides.get("grad_accum", overrides.get(
-                    "gradient_accumulation_steps", 4))
-                work = min(work, overrides["max_steps"] * batch) if work else overrides["max_steps"] * batch
-            mlabel = f" {m.label}" if len(exp.models) > 1 else ""
-
-            def targv(step: Step, run: Path, m=m, overrides=overrides, s=s) -> list[str]:
-                # --resume continues an unfinished run of the same config, and starts a fresh one otherwise.
-                a = ["train", "--model", m.name, "--data", str(step.deps[0].folder(run)),
-                     "--output", str(step.folder(run)), "--resume"]
-                kv = dict(overrides)
-                if "seed" not in kv and s.seed is not None:
-                    kv["seed"] = s.seed
-                if "dtype" not in kv and m.dtype not in (None, "auto"):
-                    kv["dtype"] = m.dtype
-                if "device" not in kv and exp.device not in (None, "auto"):
-                    kv["device"] = exp.device
-                return a + _kv(kv)
-
-            trains[(m.label, s.name)] = add(Step("train", f"train{mlabel} {s.name}", tin, [prepares[s.name]],
-                                                 60 + work * 4, m.label, s.name, s.task, None, targv))
-            for task in ev["tasks"]:
-                eval_step(m, task, trains[(m.label, s.name)], s.name)
-
+                prepares[s.name] = add(_prepare_step(exp, s))
+            train = trains[(m.label, s.name)] = add(_train_step(exp, m, s, prepares[s.name]))
+            for task in exp.eval["tasks"]:
+                add(_eval_step(exp, m, task, train, s.name))
     for kind, cfg in (("lens", exp.lens), ("geometry", exp.geometry)):
-        if cfg is None:
-            continue
-        for m in exp.models:
-            chosen = [trains[(m.label, sname)] for sname in cfg["settings"]]
-            ain = {"model": m.name, "dtype": m.dtype, "task": cfg["task"], "task_file": _task_hash(cfg["task"]),
-                   "langs": cfg["langs"], "limit": cfg["limit"], "data": cfg["data"], "options": cfg["options"],
-                   "compare": list(cfg["settings"])}
-            if kind == "lens":
-                ain["labels"] = cfg["labels"]
-            n = _count_items(cfg["task"], cfg["langs"], cfg["data"], cfg["limit"])
-
-            def aargv(step: Step, run: Path, kind=kind, cfg=cfg, m=m, chosen=chosen) -> list[str]:
-                a = [kind, "--model", m.name, "--task", cfg["task"], "--langs", ",".join(cfg["langs"]),
-                     "--output", str(step.folder(run))]
-                for train in chosen:
-                    # A copy named after the setting, so that the step's tables and legends say which it is.
-                    a += ["--compare-adapter", str(_named_adapter(step.folder(run), train.folder(run),
-                                                                  train.setting))]
-                if kind == "lens":
-                    a += ["--labels", cfg["labels"]]
-                if cfg["limit"]:
-                    a += ["--limit", str(cfg["limit"])]
-                if cfg["data"]:
-                    a += ["--data", cfg["data"]]
-                if m.dtype and m.dtype != "auto":
-                    a += ["--dtype", m.dtype]
-                if exp.device and exp.device != "auto":
-                    a += ["--device", exp.device]
-                return a + _options(cfg["options"])
-
-            mlabel = f" {m.label}" if len(exp.models) > 1 else ""
-            what = ("base vs " + ", ".join(cfg["settings"])) if cfg["settings"] else "base"
-            add(Step(kind, f"{kind}{mlabel} {what}", ain, chosen,
-                     40 + n * (1 + len(chosen)) * (1.2 if kind == "lens" else 0.5), m.label,
-                     ",".join(cfg["settings"]) or None, cfg["task"], None, aargv))
+        if cfg is not None:
+            for m in exp.models:
+                add(_analysis_step(exp, kind, cfg, m, [trains[(m.label, sname)] for sname in cfg["settings"]]))
     return steps
+
+
+def _eval_step(exp: Experiment, m: ModelEntry, task: str, train: Step | None, sname: str | None) -> Step:
+    from polyalign.evaluation.evaluate import EvalConfig
+
+    ev = exp.eval
+    options = {k: v for k, v in ev.items() if k not in ("tasks", "langs", "labels")}
+    defaults = C.defaults(EvalConfig)
+    eval_common = {k: options[k] for k in EVAL_HASHED}
+    # Any other option (batch_tokens: it changes scores in the last bits, and evaluate refuses a folder
+    # scored with another value) is named only when set, so that the folders of runs without it keep
+    # their names.
+    eval_common.update({k: v for k, v in options.items() if k not in EVAL_HASHED and v != defaults[k]})
+    folder_inputs = {"model": m.name, "dtype": m.dtype, "task": task, "task_file": _task_hash(task), **eval_common}
+    inputs = {**folder_inputs, "langs": ev["langs"], "labels": ev["labels"]}
+    n = _count_items(task, ev["langs"], ev["data"], ev["limit"]) * len(ev["labels"])
+    mlabel = f"{m.label} " if len(exp.models) > 1 else ""
+    config = C.from_mapping(EvalConfig, {**options, "model": m.name, "tasks": task, "langs": ",".join(ev["langs"]),
+                                         "labels": ",".join(ev["labels"]), "dtype": m.dtype, "device": exp.device},
+                            "eval")
+    return Step("eval", f"eval {mlabel}{sname or 'base'} {task}", inputs, [train] if train else [],
+                40 + n * (1.15 if train else 1.0), m.label, sname, task, folder_inputs, config)
+
+
+def _prepare_step(exp: Experiment, s: Setting) -> Step:
+    from polyalign.training.prepare import PrepareConfig
+
+    popts = {k: v for k, v in {**exp.prepare, **s.prepare}.items() if k != "data"}
+    pin = {"task": s.task, "task_file": _task_hash(s.task), "sources": s.sources, "target": s.target,
+           "per_language": s.per_language, "data": s.data, "seed": s.seed, "options": popts}
+    n_pairs = (s.per_language or 1000) * len(s.sources)
+    given = {"task": s.task, "sources": ",".join(s.sources), "target": s.target, "seed": s.seed}
+    if s.per_language:
+        given["per_language"] = s.per_language
+    if s.data:
+        given["data"] = s.data
+    config = C.from_mapping(PrepareConfig, {**given, **popts}, f"setting {s.name}: prepare")
+    return Step("prepare", f"prepare {s.name}", pin, [], 5 + n_pairs * 0.01, None, s.name, s.task, None, config)
+
+
+def _train_step(exp: Experiment, m: ModelEntry, s: Setting, prepare: Step) -> Step:
+    from polyalign.training.train import TrainConfig, apply_settings
+
+    overrides = {**exp.train, **m.train, **s.train}
+    tin = {"model": m.name, "dtype": m.dtype, "seed": s.seed, "overrides": overrides}
+    n_pairs = (s.per_language or 1000) * len(s.sources)
+    epochs = overrides.get("epochs", overrides.get("num_train_epochs", 3))
+    work = n_pairs * float(epochs or 1)
+    if overrides.get("max_steps"):
+        batch = overrides.get("batch_size", 4) * overrides.get("grad_accum", overrides.get(
+            "gradient_accumulation_steps", 4))
+        work = min(work, overrides["max_steps"] * batch) if work else overrides["max_steps"] * batch
+    mlabel = f" {m.label}" if len(exp.models) > 1 else ""
+    settings = dict(overrides)
+    if "seed" not in settings and s.seed is not None:
+        settings["seed"] = s.seed
+    if "dtype" not in settings and m.dtype not in (None, "auto"):
+        settings["dtype"] = m.dtype
+    if "device" not in settings and exp.device not in (None, "auto"):
+        settings["device"] = exp.device
+    # resume: continue an unfinished run of the same config, and start a fresh one otherwise.
+    config = apply_settings(TrainConfig(model=m.name, resume=True), settings, f"setting {s.name}: train")
+    return Step("train", f"train{mlabel} {s.name}", tin, [prepare], 60 + work * 4, m.label, s.name, s.task, None,
+                config)
+
+
+def _analysis_step(exp: Experiment, kind: str, cfg: dict, m: ModelEntry, chosen: list[Step]) -> Step:
+    from polyalign.experiment.spec import _analysis_config
+
+    ain = {"model": m.name, "dtype": m.dtype, "task": cfg["task"], "task_file": _task_hash(cfg["task"]),
+           "langs": cfg["langs"], "limit": cfg["limit"], "data": cfg["data"], "options": cfg["options"],
+           "compare": list(cfg["settings"])}
+    given = {"model": m.name, "task": cfg["task"], "langs": ",".join(cfg["langs"])}
+    if kind == "lens":
+        ain["labels"] = given["labels"] = cfg["labels"]
+    for key in ("limit", "data"):
+        if cfg[key]:
+            given[key] = cfg[key]
+    if m.dtype and m.dtype != "auto":
+        given["dtype"] = m.dtype
+    if exp.device and exp.device != "auto":
+        given["device"] = exp.device
+    config = C.from_mapping(_analysis_config(kind), {**given, **cfg["options"]}, f"analyses.{kind}")
+    n = _count_items(cfg["task"], cfg["langs"], cfg["data"], cfg["limit"])
+    mlabel = f" {m.label}" if len(exp.models) > 1 else ""
+    what = ("base vs " + ", ".join(cfg["settings"])) if cfg["settings"] else "base"
+    return Step(kind, f"{kind}{mlabel} {what}", ain, chosen,
+                40 + n * (1 + len(chosen)) * (1.2 if kind == "lens" else 0.5), m.label,
+                ",".join(cfg["settings"]) or None, cfg["task"], None, config)
+
+
+def step_config(st: Step, run: Path):
+    """The step's config with its paths in the run folder: its output folder, and the artefacts of
+    the steps it depends on (the prepared pairs, the trained adapter, copies named after the settings)."""
+    cfg = replace(st.config, output=str(st.folder(run)))
+    if st.kind == "eval" and st.deps:
+        cfg = replace(cfg, adapter=str(adapter_dir(st.deps[0].folder(run))))
+    elif st.kind == "train":
+        cfg = replace(cfg, data=str(st.deps[0].folder(run)))
+    elif st.kind in ("lens", "geometry"):
+        # A copy named after the setting, so that the step's tables and legends say which it is.
+        cfg = replace(cfg, compare_adapter=[str(_named_adapter(st.folder(run), d.folder(run), d.setting))
+                                            for d in st.deps])
+    return cfg
 
 
 def _named_adapter(step_folder: Path, train_folder: Path, name: str) -> Path:

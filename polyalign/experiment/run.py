@@ -12,49 +12,32 @@ themselves), and a changed setting changes only the hashes of the steps that dep
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import gc
-import importlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
+from polyalign.config import option
 from polyalign.errors import PolyalignError
-from polyalign.experiment.plan import (SCHEMA_VERSION, Step, _kv, _options, adapter_dir,  # noqa: F401
-                                       outputs_problem, plan)
+from polyalign.experiment.plan import (COMMAND_OF, SCHEMA_VERSION, Step, adapter_dir, outputs_problem,  # noqa: F401
+                                       plan, step_config)
 from polyalign.experiment.spec import Experiment, apply_overrides, load_experiment, validate  # noqa: F401
 from polyalign.store import write_json
 
 
 
-def _module_of(command: str) -> str:
+def run_command(command: str, cfg):
+    """Run one step: the command's work function on its config, in this process."""
     from polyalign.cli import COMMANDS
-    if command not in COMMANDS:
-        raise PolyalignError(f"this installation has no `polyalign {command}` command yet")
-    return COMMANDS[command][0]
 
-
-def call_command(argv: list[str]) -> None:
-    """Run one `polyalign` subcommand in this process, through its own argument parser."""
-    from polyalign.cli import COMMANDS, _Parser
-
-    command = argv[0]
-    module_name = _module_of(command)
-    module = importlib.import_module(module_name)
-    parser = _Parser(prog=f"polyalign {command}")
-    module.add_arguments(parser)
-    try:
-        args = parser.parse_args(argv[1:])
-    except SystemExit:
-        raise PolyalignError(f"`polyalign {' '.join(argv)}` was refused by its parser (see the line above)") from None
-    args.command, args._module = command, module_name
-    assert command in COMMANDS
-    module.main(args)
+    _, work = COMMANDS[command].load()
+    return work(cfg)
 
 
 # ----------------------------------------------------------------------------- running
@@ -148,8 +131,7 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         folder.parent.mkdir(parents=True, exist_ok=True)   # the step command creates its own folder
         t0 = time.time()
         try:
-            argv = st.argv(st, run)
-            call_command(argv)
+            run_command(COMMAND_OF[st.kind], step_config(st, run))
             summary = _summary(st, folder, run)
         except PolyalignError as e:
             _failed(run, exp, steps, status, st, str(e))
@@ -242,35 +224,16 @@ def _free_memory() -> None:
 
 
 def preflight(exp: Experiment, steps: list[Step], run: Path) -> None:
-    """Before any work: every command the plan needs exists and accepts its options; models exist."""
+    """Before any work: every command the plan needs exists; models exist. (The steps' options were
+    checked when the file was read and the plan built their configs.)"""
     from polyalign.cli import COMMANDS
 
     for m in exp.models:
         check_model(m.name)
-    names = {"eval": "evaluate"}
     for kind in dict.fromkeys(st.kind for st in steps):
-        command = names.get(kind, kind)
-        if command not in COMMANDS:
-            raise PolyalignError(f"this installation has no `polyalign {command}` command, which the "
+        if COMMAND_OF[kind] not in COMMANDS:
+            raise PolyalignError(f"this installation has no `polyalign {COMMAND_OF[kind]}` command, which the "
                                  f"experiment's {kind} steps need")
-    for st in steps:
-        if st.kind == "prepare":
-            _parse_check(st.argv(st, run), f"setting {st.setting}: prepare")
-        elif st.kind in ("lens", "geometry"):
-            cfg = exp.lens if st.kind == "lens" else exp.geometry
-            _parse_check([st.kind, "--model", "m", "--output", str(st.folder(run))] + _options(cfg["options"]),
-                         f"analyses.{st.kind}.options")
-
-
-def _parse_check(argv: list[str], where: str) -> None:
-    class Strict(argparse.ArgumentParser):
-        def error(self, message):
-            raise PolyalignError(f"{where}: {message}")
-
-    module = importlib.import_module(_module_of(argv[0]))
-    parser = Strict(prog=f"polyalign {argv[0]}", add_help=False)
-    module.add_arguments(parser)
-    parser.parse_args(argv[1:])
 
 
 def check_model(name: str, hub: bool = True) -> None:
@@ -309,23 +272,26 @@ def check_model(name: str, hub: bool = True) -> None:
         hub_log.setLevel(level)
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", nargs="?", help="experiment YAML file (see docs/experiments.md)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the file, e.g. eval.limit=20 "
-                                                "settings.zhde-en.per_language=500 train.epochs=1")
-    p.add_argument("--demo", action="store_true", help="run the embedded demo experiment (into runs/demo)")
-    p.add_argument("--output", default=None, help="run folder (default: the file's `output`, or runs/<name>)")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the steps and which are done; run nothing")
-    p.add_argument("--no-report", dest="report", action="store_false", help="skip the report at the end")
+# ----------------------------------------------------------------------------- the command
+@dataclass
+class RunConfig:
+    """The options of `polyalign run`."""
+    experiment: str | None = option(None, positional=True, help="experiment YAML file (see docs/experiments.md)")
+    overrides: list[str] = option([], positional=True, help="key=value overrides of the file, e.g. eval.limit=20 "
+                                                            "settings.zhde-en.per_language=500 train.epochs=1")
+    demo: bool = option(False, help="run the embedded demo experiment (into runs/demo)")
+    output: str | None = option(None, help="run folder (default: the file's `output`, or runs/<name>)")
+    dry_run: bool = option(False, help="validate, print the steps and which are done; run nothing")
+    report: bool = option(True, help="skip the report at the end")
 
 
-def main(args: argparse.Namespace) -> None:
-    path, overrides = args.experiment, list(args.overrides or [])
+def run(cfg: RunConfig) -> Path:
+    """Read the experiment (a file or the demo) with its overrides, then run or resume it; the run folder."""
+    path, overrides = cfg.experiment, list(cfg.overrides or [])
     if path and "=" in path and not Path(path).exists():
         overrides.insert(0, path)
         path = None
-    if args.demo and path:
+    if cfg.demo and path:
         raise PolyalignError("give either an experiment file or --demo, not both")
-    exp = load_experiment(path, overrides, demo=args.demo)
-    run_experiment(exp, args.output, report=args.report, dry_run=args.dry_run)
+    exp = load_experiment(path, overrides, demo=cfg.demo)
+    return run_experiment(exp, cfg.output, report=cfg.report, dry_run=cfg.dry_run)

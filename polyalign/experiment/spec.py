@@ -5,8 +5,6 @@ Everything a run needs is checked here, before any work starts (see docs/experim
 from __future__ import annotations
 
 import copy
-import difflib
-import importlib
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -14,15 +12,17 @@ from pathlib import Path
 
 import yaml
 
+from polyalign import config as C
 from polyalign import languages
 from polyalign.errors import PolyalignError
 
 DEMO = "demo"
 
 # ----------------------------------------------------------------------------- the file format
-# Every key the format knows, with its default. A dict value is a section with its own keys; the
-# sections `prepare`, `train` and `options` hold free keys that the step's own command validates
-# (training overrides, extra CLI options).
+# Every key the format knows, with its default. A dict value is a section with its own keys. The
+# keys of `eval`, of `prepare`, of `train` and of an analysis's `options` are the options of the
+# step's command, read from its config dataclass (EvalConfig, PrepareConfig, TrainConfig, LensConfig,
+# GeometryConfig): an option added there is a key here, checked by its type and allowed values.
 DEFAULTS: dict = {
     "name": None,                   # default: the file's stem; the run folder is runs/<name>
     "description": "",
@@ -34,19 +34,9 @@ DEFAULTS: dict = {
     "device": "auto",
     "seed": 0,
     "settings": [],
-    "prepare": {},                  # extra `polyalign prepare` options for every setting
-    "train": {},                    # overrides of the training defaults for every setting (key=value)
-    "eval": {
-        "tasks": ["amazon_polarity"],
-        "langs": "all",
-        "labels": ["english"],
-        "scoring": "paper",
-        "limit": None,
-        "data": None,
-        "batch_tokens": None,
-        "max_length": None,
-        "trust_file_labels": False,
-    },
+    "prepare": {},                  # `polyalign prepare` options for every setting
+    "train": {},                    # training hyper-parameters for every setting
+    "eval": {},                     # `polyalign evaluate` options: see eval_defaults()
     "analyses": {"lens": None, "geometry": None},
     "report": {"title": None, "bootstrap": 10000, "seed": 0, "alpha": 0.05},
 }
@@ -58,26 +48,39 @@ SETTING_DEFAULTS: dict = {
     "data": None,                   # question source for `polyalign prepare` (default: bundled pool)
     "per_language": None,           # items per source language (default: prepare's)
     "seed": None,                   # default: the experiment's seed
-    "prepare": {},                  # extra `polyalign prepare` options for this setting
-    "train": {},                    # training overrides for this setting
+    "prepare": {},                  # `polyalign prepare` options for this setting
+    "train": {},                    # training hyper-parameters for this setting
 }
 LENS_DEFAULTS: dict = {
     "task": None, "langs": ["zh", "ja", "ru"], "labels": "native", "limit": None, "data": None,
     "settings": None,               # which settings to compare with the base (default: all)
-    "options": {},                  # extra `polyalign lens` options
+    "options": {},                  # other `polyalign lens` options
 }
 GEOMETRY_DEFAULTS: dict = {
     "task": None, "langs": ["en", "de", "fr", "hi", "th", "sw", "ms"], "limit": None, "data": None,
     "settings": None, "options": {},
 }
 MODEL_DEFAULTS: dict = {"name": None, "label": None, "dtype": None, "train": {}}
-# TrainConfig fields that are not training hyper-parameters (the runner sets them itself).
-TRAIN_META = {"data", "output", "config", "overrides", "resume", "merge", "progress"}
+
+# Options of a step's command that the runner sets itself (from the models, the run folder and the
+# steps a step depends on); every other option of the command is a key of its section.
+EVAL_RUNNER_SET = ("model", "adapter", "output", "dtype", "device", "progress")
+EVAL_LIST_KEYS = ("tasks", "langs", "labels")       # lists in the file, comma strings in EvalConfig
+PREPARE_RUNNER_SET = ("output", "progress")
+ANALYSIS_RUNNER_SET = ("model", "adapter", "compare_adapter", "output", "progress")
 
 
-def _nearest(key: str, valid) -> str:
-    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(map(str, valid)))}"
+def eval_defaults() -> dict:
+    """The `eval` section's keys with their defaults: EvalConfig's options that the runner does not set."""
+    from polyalign.evaluation.evaluate import EvalConfig
+
+    out = {k: v for k, v in C.defaults(EvalConfig).items() if k not in EVAL_RUNNER_SET}
+    keys = [k for k in out if k != "limit"]
+    keys.insert(keys.index("data"), "limit")       # manifest.json lists limit before data, as it always has
+    return {k: out[k] for k in keys}
+
+
+_nearest = C.nearest
 
 
 def _check_keys(raw: dict, defaults: dict, where: str) -> dict:
@@ -86,10 +89,20 @@ def _check_keys(raw: dict, defaults: dict, where: str) -> dict:
         raise PolyalignError(f"{where} must be a mapping, got {type(raw).__name__}")
     for key in raw:
         if key not in defaults:
-            raise PolyalignError(f"unknown key {where + '.' if where else ''}{key}{_nearest(key, defaults)}")
+            raise C.UnknownKey(key, list(defaults), where)
     out = copy.deepcopy(defaults)
     out.update(copy.deepcopy(raw))
     return out
+
+
+def _options(cls, raw, where: str, runner_set) -> dict:
+    """A section of a command's options (`prepare:`, an analysis's `options:`), checked against the
+    command's config dataclass; returns it as given (the step hashes hold it so)."""
+    if not isinstance(raw or {}, dict):
+        raise PolyalignError(f"{where} must be a mapping of option: value")
+    raw = dict(raw or {})
+    C.from_mapping(cls, raw, where, keys=[k for k in C.names(cls) if k not in runner_set])
+    return raw
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -149,7 +162,8 @@ def _list_index(node: list, part: str, where: str) -> int:
 
 # ----------------------------------------------------------------------------- the validated experiment
 @dataclass
-class ModelSpec:
+class ModelEntry:
+    """One model of the experiment (`model:` or an item of `models:`)."""
     name: str
     label: str
     dtype: str
@@ -185,7 +199,7 @@ class Experiment:
     description: str
     hardware: str
     output: str
-    models: list[ModelSpec]
+    models: list[ModelEntry]
     dtype: str
     device: str
     seed: int
@@ -288,27 +302,51 @@ def load_experiment(path: str | None = None, overrides: list[str] | None = None,
 
 def validate(raw: dict, default_name: str = "experiment", check_data: bool = True) -> Experiment:
     """The whole file checked: keys, types, languages each task has, data files, analyses."""
-    from polyalign.tasks import LABEL_MODES, load_task
-
     top = _check_keys(raw, DEFAULTS, "")
     name = _opt_str(top["name"], "name") or default_name
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise PolyalignError(f"name {name!r}: use letters, digits, '.', '_' or '-' (it names the run folder)")
-    for key in ("dtype", "device"):
-        top[key] = _opt_str(top[key], key)
+    top["dtype"] = _dtype(top["dtype"], "dtype")
+    top["device"] = _opt_str(top["device"], "device")
     seed = _opt_int(top["seed"], "seed", positive=False) or 0
-    for key in ("prepare", "train"):
-        if not isinstance(top[key] or {}, dict):
-            raise PolyalignError(f"{key} must be a mapping of option: value")
-        top[key] = dict(top[key] or {})
+    top["prepare"] = _prepare_options(top["prepare"], "prepare")
+    if not isinstance(top["train"] or {}, dict):
+        raise PolyalignError("train must be a mapping of option: value")
+    top["train"] = dict(top["train"] or {})
 
-    # ---- models
+    models = _models(top)
+    ev, tasks = _eval_section(top["eval"], check_data)
+    settings = _settings(top, ev, tasks, seed, check_data)
+    _train_sections(top["train"], models, settings)
+    lens, geometry = _analyses(top["analyses"], ev, [s.name for s in settings], tasks, check_data)
+    rep = _report_section(top["report"])
+    output = _opt_str(top["output"], "output") or str(Path("runs") / name)
+    return Experiment(name=name, description=str(top["description"] or ""), hardware=str(top["hardware"] or ""),
+                      output=output, models=models, dtype=top["dtype"], device=top["device"], seed=seed,
+                      settings=settings, prepare=top["prepare"], train=top["train"], eval=ev, lens=lens,
+                      geometry=geometry, report=rep, raw=raw)
+
+
+def _dtype(value, where: str) -> str | None:
+    """A model's dtype, checked against the choices of the commands that load it."""
+    from polyalign.evaluation.evaluate import EvalConfig
+
+    value = _opt_str(value, where)
+    return None if value is None else C.convert(C.spec(EvalConfig, "dtype"), value, where)
+
+
+def _prepare_options(raw, where: str) -> dict:
+    from polyalign.training.prepare import PrepareConfig
+    return _options(PrepareConfig, raw, where, PREPARE_RUNNER_SET)
+
+
+def _models(top: dict) -> list[ModelEntry]:
     if top["model"] is not None and top["models"] is not None:
         raise PolyalignError("give either `model` or `models`, not both")
     entries = top["models"] if top["models"] is not None else ([top["model"]] if top["model"] is not None else [])
     if not isinstance(entries, list) or not entries:
         raise PolyalignError("no model: set `model: NAME` or `models: [NAME, ...]`")
-    models: list[ModelSpec] = []
+    models: list[ModelEntry] = []
     for i, entry in enumerate(entries):
         where = f"models.{i}" if top["models"] is not None else "model"
         spec = _check_keys({"name": entry} if isinstance(entry, str) else entry, MODEL_DEFAULTS, where)
@@ -317,9 +355,9 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
             raise PolyalignError(f"{where}: a model needs a name (HF id, local folder or gemma-3-270m)")
         if not isinstance(spec["train"] or {}, dict):
             raise PolyalignError(f"{where}.train must be a mapping")
-        models.append(ModelSpec(mname, _opt_str(spec["label"], f"{where}.label") or mname.rstrip("/").split("/")[-1],
-                                _opt_str(spec["dtype"], f"{where}.dtype") or top["dtype"],
-                                dict(spec["train"] or {}), ""))
+        models.append(ModelEntry(mname, _opt_str(spec["label"], f"{where}.label") or mname.rstrip("/").split("/")[-1],
+                                 _dtype(spec["dtype"], f"{where}.dtype") or top["dtype"],
+                                 dict(spec["train"] or {}), ""))
     slugs: dict[str, int] = {}
     for m in models:
         base = _slug(m.label)
@@ -327,64 +365,39 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
         m.slug = base if slugs[base] == 1 else f"{base}-{slugs[base]}"
     if len({m.label for m in models}) != len(models):
         raise PolyalignError("two models share a label; give each a distinct `label`")
+    return models
 
-    # ---- eval
-    ev = _check_keys(top["eval"] or {}, DEFAULTS["eval"], "eval")
+
+def _eval_section(raw, check_data: bool) -> tuple[dict, dict]:
+    """The `eval` section (EvalConfig's options) and the tasks it names, loaded."""
+    from polyalign.evaluation.evaluate import EvalConfig
+    from polyalign.tasks import LABEL_MODES, load_task
+
+    ev = _check_keys(raw or {}, eval_defaults(), "eval")
     ev["tasks"] = _str_list(ev["tasks"], "eval.tasks")
     ev["langs"] = _lang_list(ev["langs"], "eval.langs")
     ev["labels"] = _str_list(ev["labels"], "eval.labels")
     for mode in ev["labels"]:
         if mode not in LABEL_MODES:
             raise PolyalignError(f"eval.labels: unknown label mode {mode!r}{_nearest(mode, LABEL_MODES)}")
-    from polyalign.evaluation.scoring import RULES
-    if ev["scoring"] not in RULES:
-        raise PolyalignError(f"eval.scoring: unknown rule {ev['scoring']!r}{_nearest(ev['scoring'], RULES)}")
-    ev["limit"] = _opt_int(ev["limit"], "eval.limit")
-    ev["batch_tokens"] = _opt_int(ev["batch_tokens"], "eval.batch_tokens")
-    ev["max_length"] = _opt_int(ev["max_length"], "eval.max_length")
-    ev["data"] = _opt_str(ev["data"], "eval.data")
-    ev["trust_file_labels"] = bool(ev["trust_file_labels"])
+    for key in ("limit", "batch_tokens", "max_length"):
+        ev[key] = _opt_int(ev[key], f"eval.{key}")
+    for key in ev:       # every other option: by its type and allowed values in EvalConfig
+        if key not in EVAL_LIST_KEYS:
+            ev[key] = C.convert(C.spec(EvalConfig, key), ev[key], f"eval.{key}")
     tasks = {}
     for tname in ev["tasks"]:
         tasks[tname] = load_task(tname)
         _check_task_langs(tasks[tname], ev["langs"], ev["labels"], "eval")
         if check_data:
             _check_eval_data(tasks[tname], ev["langs"], ev["data"], "eval")
+    return ev, tasks
 
-    # ---- settings
+
+def _settings(top: dict, ev: dict, tasks: dict, seed: int, check_data: bool) -> list[Setting]:
     if not isinstance(top["settings"] or [], list):
         raise PolyalignError("settings must be a list of {sources, target, task, ...}")
-    settings: list[Setting] = []
-    for i, entry in enumerate(top["settings"] or []):
-        where = f"settings.{i}"
-        s = _check_keys(entry, SETTING_DEFAULTS, where)
-        sname = _opt_str(s["name"], f"{where}.name") or _setting_name(s)
-        where = f"setting {sname}"
-        sources = _lang_list(s["sources"], f"{where}: sources")
-        target = _lang_list([s["target"]] if not isinstance(s["target"], list) else s["target"],
-                            f"{where}: target")
-        if len(target) != 1:
-            raise PolyalignError(f"{where}: target must be one language")
-        target = target[0]
-        if target in sources:
-            raise PolyalignError(f"{where}: the target {target} is also a source; a language is not "
-                                 "translated into itself")
-        tname = _opt_str(s["task"], f"{where}.task") or ev["tasks"][0]
-        task = tasks.get(tname) or load_task(tname)
-        # Prepare formats every question with the task's template in its source and target language.
-        _check_task_langs(task, [*sources, target], [], where)
-        for key in ("prepare", "train"):
-            if not isinstance(s[key] or {}, dict):
-                raise PolyalignError(f"{where}.{key} must be a mapping")
-        extra = {**top["prepare"], **(s["prepare"] or {})}
-        # `prepare: {data: ...}` gives every setting the same question source.
-        data = _opt_str(s["data"] if s["data"] is not None else extra.get("data"), f"{where}.data")
-        per_language = _opt_int(s["per_language"], f"{where}.per_language")
-        sseed = _opt_int(s["seed"], f"{where}.seed", positive=False)
-        if check_data:
-            _check_question_data(task, [*sources, target], data, extra, where)
-        settings.append(Setting(sname, sources, target, task.name, data, per_language,
-                                seed if sseed is None else sseed, dict(s["prepare"] or {}), dict(s["train"] or {})))
+    settings = [_setting(entry, i, top, ev, tasks, seed, check_data) for i, entry in enumerate(top["settings"] or [])]
     names = [s.name for s in settings]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -392,39 +405,78 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
     for sname in names:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", sname):
             raise PolyalignError(f"setting name {sname!r}: use letters, digits, '.', '_' or '-'")
-    _check_train_keys(top["train"], "train")
+    return settings
+
+
+def _setting(entry, i: int, top: dict, ev: dict, tasks: dict, seed: int, check_data: bool) -> Setting:
+    from polyalign.tasks import load_task
+
+    s = _check_keys(entry, SETTING_DEFAULTS, f"settings.{i}")
+    sname = _opt_str(s["name"], f"settings.{i}.name") or _setting_name(s)
+    where = f"setting {sname}"
+    sources = _lang_list(s["sources"], f"{where}: sources")
+    target = _lang_list([s["target"]] if not isinstance(s["target"], list) else s["target"], f"{where}: target")
+    if len(target) != 1:
+        raise PolyalignError(f"{where}: target must be one language")
+    target = target[0]
+    if target in sources:
+        raise PolyalignError(f"{where}: the target {target} is also a source; a language is not "
+                             "translated into itself")
+    tname = _opt_str(s["task"], f"{where}.task") or ev["tasks"][0]
+    task = tasks.get(tname) or load_task(tname)
+    # Prepare formats every question with the task's template in its source and target language.
+    _check_task_langs(task, [*sources, target], [], where)
+    if not isinstance(s["train"] or {}, dict):
+        raise PolyalignError(f"{where}.train must be a mapping")
+    if not isinstance(s["prepare"] or {}, dict):
+        raise PolyalignError(f"{where}.prepare must be a mapping")
+    own = _prepare_options(s["prepare"], f"settings.{i}.prepare")
+    extra = {**top["prepare"], **own}
+    # `prepare: {data: ...}` gives every setting the same question source.
+    data = _opt_str(s["data"] if s["data"] is not None else extra.get("data"), f"{where}.data")
+    per_language = _opt_int(s["per_language"], f"{where}.per_language")
+    sseed = _opt_int(s["seed"], f"{where}.seed", positive=False)
+    if check_data:
+        _check_question_data(task, [*sources, target], data, extra, where)
+    return Setting(sname, sources, target, task.name, data, per_language, seed if sseed is None else sseed,
+                   own, dict(s["train"] or {}))
+
+
+def _train_sections(common: dict, models: list[ModelEntry], settings: list[Setting]) -> None:
+    _check_train_keys(common, "train")
     for m in models:
         _check_train_keys(m.train, f"model {m.label}: train")
     for s in settings:
         _check_train_keys(s.train, f"setting {s.name}: train")
-    _check_train_values(top["train"], models, settings)
+    _check_train_values(common, models, settings)
 
-    # ---- analyses
-    an = _check_keys(top["analyses"] or {}, DEFAULTS["analyses"], "analyses")
+
+def _analyses(raw, ev: dict, setting_names: list[str], tasks: dict, check_data: bool):
+    from polyalign.tasks import LABEL_MODES, load_task
+
+    an = _check_keys(raw or {}, DEFAULTS["analyses"], "analyses")
     lens = geometry = None
     if an["lens"] is not None:
-        lens = _analysis(an["lens"], LENS_DEFAULTS, "analyses.lens", ev, names, tasks, check_data)
+        lens = _analysis(an["lens"], LENS_DEFAULTS, "analyses.lens", ev, setting_names, tasks, check_data)
         lmode = _opt_str(lens["labels"], "analyses.lens.labels")
         if lmode not in LABEL_MODES:
             raise PolyalignError(f"analyses.lens.labels: unknown label mode {lmode!r}{_nearest(lmode, LABEL_MODES)}")
         _check_task_langs(load_task(lens["task"]), lens["langs"], [lmode], "analyses.lens")
     if an["geometry"] is not None:
-        geometry = _analysis(an["geometry"], GEOMETRY_DEFAULTS, "analyses.geometry", ev, names, tasks,
+        geometry = _analysis(an["geometry"], GEOMETRY_DEFAULTS, "analyses.geometry", ev, setting_names, tasks,
                              check_data)
         if len(geometry["langs"]) < 2:
             raise PolyalignError("analyses.geometry.langs: give at least two languages to compare")
+    return lens, geometry
 
-    rep = _check_keys(top["report"] or {}, DEFAULTS["report"], "report")
+
+def _report_section(raw) -> dict:
+    rep = _check_keys(raw or {}, DEFAULTS["report"], "report")
     rep["bootstrap"] = _opt_int(rep["bootstrap"], "report.bootstrap") or 10000
     rep["seed"] = _opt_int(rep["seed"], "report.seed", positive=False) or 0
     if not isinstance(rep["alpha"], (int, float)) or not 0 < rep["alpha"] < 1:
         raise PolyalignError(f"report.alpha must lie between 0 and 1, got {rep['alpha']!r}")
-
-    output = _opt_str(top["output"], "output") or str(Path("runs") / name)
-    return Experiment(name=name, description=str(top["description"] or ""), hardware=str(top["hardware"] or ""),
-                      output=output, models=models, dtype=top["dtype"], device=top["device"], seed=seed,
-                      settings=settings, prepare=top["prepare"], train=top["train"], eval=ev, lens=lens,
-                      geometry=geometry, report=rep, raw=raw)
+    return rep
 
 
 def _analysis(raw, defaults, where, ev, setting_names, tasks, check_data) -> dict:
@@ -450,10 +502,17 @@ def _analysis(raw, defaults, where, ev, setting_names, tasks, check_data) -> dic
         if sname not in setting_names:
             raise PolyalignError(f"{where}.settings: no setting named {sname!r}{_nearest(sname, setting_names)}")
     a["settings"] = list(chosen)
-    if not isinstance(a["options"] or {}, dict):
-        raise PolyalignError(f"{where}.options must be a mapping of option: value")
-    a["options"] = dict(a["options"] or {})
+    a["options"] = _options(_analysis_config(where.split(".")[-1]), a["options"], f"{where}.options",
+                            ANALYSIS_RUNNER_SET)
     return a
+
+
+def _analysis_config(kind: str):
+    if kind == "lens":
+        from polyalign.analysis.lens import LensConfig
+        return LensConfig
+    from polyalign.analysis.geometry import GeometryConfig
+    return GeometryConfig
 
 
 def _check_task_langs(task, langs: list[str], modes: list[str], where: str) -> None:
@@ -493,36 +552,26 @@ def _check_question_data(task, langs: list[str], data: str | None, extra: dict, 
 
 
 def _check_train_keys(overrides: dict, where: str) -> None:
-    """Training overrides checked against the trainer's config, when its module is installed."""
-    if not overrides:
-        return
-    try:
-        train = importlib.import_module("polyalign.training.train")
-    except ImportError:
-        return
-    fields_ = getattr(getattr(train, "TrainConfig", None), "__dataclass_fields__", None)
-    if not fields_:
-        return
-    fields_ = [f for f in fields_ if f not in TRAIN_META]
-    for key in overrides:
-        if key not in fields_:
-            raise PolyalignError(f"{where}: unknown training option {key!r}{_nearest(key, fields_)}")
+    """Training hyper-parameters checked against TrainConfig's."""
+    from polyalign.training.train import defaults
+
+    known = list(defaults())
+    for key in overrides or {}:
+        if key not in known:
+            raise PolyalignError(f"{where}: unknown training option {key!r}{_nearest(key, known)}")
 
 
 def _check_train_values(common: dict, models: list, settings: list) -> None:
-    """Every train step's options parsed and range-checked as `polyalign train` will (types, ranges), so
+    """Every train step's options converted and range-checked as `polyalign train` will (types, ranges), so
     that `lr: fast` fails at load time and not after the base evaluation. Settings override models,
     which override the file's `train:` (as plan() merges them)."""
-    try:
-        train = importlib.import_module("polyalign.training.train")
-    except ImportError:
-        return
+    from polyalign.training import train
+
     def where(m, s) -> str:
         return f"setting {s.name}: train" if s.train else f"model {m.label}: train" if m.train else "train"
     combos = [("train", common)] + [(where(m, s), {**common, **m.train, **s.train}) for m in models for s in settings]
     for where, overrides in combos:
         try:
-            from polyalign.experiment.plan import _kv
-            train.resolve_config(train.TrainConfig(overrides=_kv(overrides)))
+            train.resolve_config(train.apply_settings(train.TrainConfig(), overrides, where))
         except PolyalignError as e:
             raise PolyalignError(f"{where}: {e}") from None
