@@ -156,7 +156,8 @@ def _comma_list(base: type):
 
 def _help(s: Spec) -> str | None:
     text = s.help
-    if s.default not in (None, False, "", [], dataclasses.MISSING) and not s.positional and not s.required:
+    if (s.base is not bool and s.default not in (None, "", [], dataclasses.MISSING) and not s.positional
+            and not s.required):
         shown = ",".join(map(str, s.default)) if isinstance(s.default, list) else s.default
         text += f" (default: {shown})"
     return text.replace("%", "%%")

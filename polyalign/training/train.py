@@ -99,7 +99,7 @@ class TrainConfig:
     # Cadence (in optimizer steps). 0 = automatic: eval ~10 times per run, save ~20 times per run.
     logging_steps: int = option(10, help="log the training loss every N optimizer steps")
     eval_steps: int = option(0, help="validation loss every N steps (0: about 10 times per run)")
-    save_steps: int = option(0, help="checkpoint every N steps (0: about 20 times per run, at most every 50)")
+    save_steps: int = option(0, help="checkpoint every N steps (0: every 50 steps or 5% of the run, whichever comes first)")
     save_total_limit: int = option(2, help="checkpoints kept under <output>/checkpoints")
     # Speed and memory
     loss_chunk: int = option(0, help="target positions per chunk of the vocabulary projection (0 = by vocab size)")
