@@ -15,7 +15,7 @@ from pathlib import Path
 from polyalign.errors import PolyalignError
 from polyalign import config as C
 from polyalign.experiment.spec import Experiment, ModelEntry, Setting
-from polyalign.store import content_hash
+from polyalign.store import atomic_folder, content_hash
 
 SCHEMA_VERSION = 1
 
@@ -271,12 +271,8 @@ def _named_adapter(step_folder: Path, train_folder: Path, name: str) -> Path:
     src = adapter_dir(train_folder)
     dst = step_folder / "adapters" / name
     if not (dst / "adapter_config.json").exists():
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in src.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
+        with atomic_folder(dst) as tmp:
+            for f in src.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
     return dst

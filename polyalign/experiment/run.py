@@ -28,7 +28,7 @@ from polyalign.errors import PolyalignError
 from polyalign.experiment.plan import (COMMAND_OF, SCHEMA_VERSION, Step, adapter_dir, outputs_problem,  # noqa: F401
                                        plan, step_config)
 from polyalign.experiment.spec import Experiment, apply_overrides, load_experiment, validate  # noqa: F401
-from polyalign.store import write_json
+from polyalign.store import write_atomic, write_json
 
 
 
@@ -106,7 +106,7 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         preflight(exp, steps, run)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "experiment.json", {"source": exp.source, "experiment": exp.raw})
-    (run / "experiment.yaml").write_text(yaml.safe_dump(exp.raw, sort_keys=False, allow_unicode=True), "utf-8")
+    write_atomic(run / "experiment.yaml", yaml.safe_dump(exp.raw, sort_keys=False, allow_unicode=True))
     write_json(run / "manifest.json", _manifest(exp, steps, run, status))
 
     todo_w = sum(st.weight for st in steps if status[st.key]["status"] != "done")

@@ -15,6 +15,7 @@ import yaml
 from polyalign import config as C
 from polyalign import languages
 from polyalign.errors import PolyalignError
+from polyalign.store import safe_name
 
 DEMO = "demo"
 
@@ -272,7 +273,7 @@ def _opt_str(value, where: str) -> str | None:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-") or "model"
+    return safe_name(text.rstrip("/").split("/")[-1], "-", strip=True, fallback="model")
 
 
 def load_experiment(path: str | None = None, overrides: list[str] | None = None, demo: bool = False,
