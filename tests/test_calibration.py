@@ -268,13 +268,13 @@ def test_experiment_files_turn_calibration_on_and_check_it(tmp_path):
     exp = X.load_experiment(demo=True, check_data=False)
     assert exp.eval["calibration"] == "contextual"
     evals = [s for s in X.plan(exp) if s.kind == "eval"]
-    argv = evals[0].argv(evals[0], tmp_path)
-    assert argv[argv.index("--calibration") + 1] == "contextual"
-    with pytest.raises(PolyalignError, match="eval.calibration: unknown method 'platt'"):
+    assert evals[0].config.calibration == "contextual" and evals[0].folder_inputs["calibration"] == "contextual"
+    with pytest.raises(PolyalignError, match="eval.calibration must be one of none, contextual, pmi, got 'platt'"):
         X.load_experiment(demo=True, overrides=["eval.calibration=platt"], check_data=False)
     off = X.load_experiment(demo=True, overrides=["eval.calibration=none"], check_data=False)
     off_eval = [s for s in X.plan(off) if s.kind == "eval"][0]
-    assert "--calibration" not in off_eval.argv(off_eval, tmp_path)
+    # off: the command's own default, so the folder is named as before calibration existed
+    assert off_eval.config.calibration == "none" and "calibration" not in off_eval.folder_inputs
 
 
 def test_in_memory_evaluation_gives_the_calibrated_fields_of_a_folder_run(calibrated_runs, tiny_llama_path):

@@ -19,22 +19,23 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from polyalign import config as C
 from polyalign import languages
 from polyalign.analysis import mexa
+from polyalign.config import option
 from polyalign.errors import PolyalignError
-from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
-                                       prompt_texts, release_memory, write_npz)
-from polyalign.analysis.lens import add_model_arguments, config_from_args
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
+                                       check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
+                                       release_memory, write_npz)
 from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.store import content_hash, write_csv, write_json
 from polyalign.tasks import LABEL_MODES, load_task
@@ -48,49 +49,31 @@ CACHE_VERSION = 1
 
 @dataclass
 class GeometryConfig:
-    model: str = "gemma-3-270m"
-    adapter: str | None = None
-    compare_adapter: list[str] = field(default_factory=list)
-    task: str = "amazon_polarity"
-    langs: str = "en,de,fr,hi,th,sw,ms"
-    labels: str = "english"
-    output: str = "runs/geo"
-    data: str | None = None
-    limit: int | None = None
-    pooling: str = "mean"
-    layers: str | None = None
-    pivot: str = "en"
-    center: str = "lang"
-    states_dtype: str = "float32"
-    recompute: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    trust_file_labels: bool = False
-    progress: bool = True
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--langs", default="en,de,fr,hi,th,sw,ms", help="'all', 'high', 'low' or a comma list")
-    p.add_argument("--labels", default="english", choices=list(LABEL_MODES), help="label words in the demos")
-    p.add_argument("--output", default="runs/geo")
-    p.add_argument("--pooling", default="mean", choices=list(POOLINGS),
-                   help="mean: whole prompt incl. demos (the paper); query-mean: the test item only; last: last token")
-    p.add_argument("--layers", default=None,
-                   help="layers to plot, comma list, negatives count from the end "
-                        "(default: the middle one and the last-but-one)")
-    p.add_argument("--pivot", default="en", help="language that alignment metrics and MEXA retrieve into")
-    p.add_argument("--center", default="lang", choices=list(CENTERS),
-                   help="centering before cosines/retrieval (PCA always centres jointly)")
-    p.add_argument("--states-dtype", default="float32", choices=["float32", "float16"],
-                   help="storage type of the cached states")
-    p.add_argument("--recompute", action="store_true", help="ignore cached states")
-
-
-def main(args: argparse.Namespace) -> None:
-    run_geometry(config_from_args(GeometryConfig, args))
+    """The options of `polyalign geometry` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    adapter: str | None = adapter_option()
+    compare_adapter: list[str] = compare_adapter_option()
+    task: str = analysis_task_option()
+    langs: str = option("en,de,fr,hi,th,sw,ms", help="'all', 'high', 'low' or a comma list")
+    labels: str = option("english", choices=LABEL_MODES, help="label words in the demos")
+    output: str = option("runs/geo", help="output folder")
+    data: str | None = C.data_option()
+    limit: int | None = C.limit_option()
+    pooling: str = option("mean", choices=POOLINGS, help="mean: whole prompt incl. demos (the paper); query-mean: "
+                                                         "the test item only; last: last token")
+    layers: str | None = option(None, help="layers to plot, comma list, negatives count from the end "
+                                           "(default: the middle one and the last-but-one)")
+    pivot: str = option("en", help="language that alignment metrics and MEXA retrieve into")
+    center: str = option("lang", choices=CENTERS, help="centering before cosines/retrieval (PCA always centres "
+                                                       "jointly)")
+    states_dtype: str = option("float32", choices=("float32", "float16"), help="storage type of the cached states")
+    recompute: bool = option(False, help="ignore cached states")
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    batch_tokens: int | None = C.batch_tokens_option()
+    max_length: int | None = C.max_length_option()
+    trust_file_labels: bool = C.trust_file_labels_option()
+    progress: bool = C.progress_option()
 
 
 # ============================================================================= hidden states

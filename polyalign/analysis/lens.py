@@ -20,22 +20,24 @@ missing (--recompute ignores them). What lens shares with geometry is in analysi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.config import option
 from polyalign.errors import PolyalignError
-from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
-                                       prompt_texts, release_memory, write_npz)
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
+                                       check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
+                                       release_memory, write_npz)
 from polyalign.store import content_hash, write_csv, write_json
 from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
@@ -48,31 +50,6 @@ LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to c
 PART_VERSION = 1    # bump when the per-language arrays change meaning
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder for --model")
-    p.add_argument("--compare-adapter", action="append", default=None, metavar="DIR",
-                   help="also analyse --model with this adapter (repeatable); outputs compare them "
-                        "with the first model (the base, or --adapter)")
-    p.add_argument("--task", default="amazon_polarity", help="task name or task YAML path")
-    p.add_argument("--data", default=None, help="data source (default: bundled); as for evaluate")
-    p.add_argument("--limit", type=int, default=None, help="N items per language, balanced, parallel")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
-    p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
-    p.add_argument("--trust-file-labels", action="store_true",
-                   help="paper-release data: take each file's own gold words instead of the parallel English ones")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
-    kw["compare_adapter"] = list(kw.get("compare_adapter") or [])
-    return cls(**kw)
-
-
-# ============================================================================= lens: token sets
 @dataclass
 class LensSets:
     """The `paper` token sets of one language: per class, in the target language and in English."""
@@ -240,40 +217,27 @@ def latent_reading(stats: dict) -> dict:
 # ============================================================================= command
 @dataclass
 class LensConfig:
-    model: str = "gemma-3-270m"
-    adapter: str | None = None
-    compare_adapter: list[str] = field(default_factory=list)
-    task: str = "amazon_polarity"
-    langs: str = "zh,ja,ru"
-    labels: str = "native"
-    output: str = "runs/lens"
-    data: str | None = None
-    limit: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    keep_overlapping: bool = False
-    trust_file_labels: bool = False
-    recompute: bool = False
-    progress: bool = True
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--langs", default="zh,ja,ru", help="'all', 'high', 'low' or a comma list")
-    p.add_argument("--labels", default="native", choices=list(LABEL_MODES),
-                   help="label words in the demos (the paper's lens uses native); the target answer is "
-                        "always the native word, the English twin the English word")
-    p.add_argument("--output", default="runs/lens")
-    p.add_argument("--keep-overlapping", action="store_true",
-                   help="keep samples whose English and target token sets overlap (counted either way)")
-    p.add_argument("--recompute", action="store_true",
-                   help="ignore the per-language results a previous run left in --output/parts")
-
-
-def main(args: argparse.Namespace) -> None:
-    run_lens(config_from_args(LensConfig, args))
+    """The options of `polyalign lens` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    adapter: str | None = adapter_option()
+    compare_adapter: list[str] = compare_adapter_option()
+    task: str = analysis_task_option()
+    langs: str = option("zh,ja,ru", help="'all', 'high', 'low' or a comma list")
+    labels: str = option("native", choices=LABEL_MODES,
+                         help="label words in the demos (the paper's lens uses native); the target answer is "
+                              "always the native word, the English twin the English word")
+    output: str = option("runs/lens", help="output folder")
+    data: str | None = C.data_option()
+    limit: int | None = C.limit_option()
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    batch_tokens: int | None = C.batch_tokens_option()
+    max_length: int | None = C.max_length_option()
+    keep_overlapping: bool = option(False, help="keep samples whose English and target token sets overlap "
+                                                "(counted either way)")
+    trust_file_labels: bool = C.trust_file_labels_option()
+    recompute: bool = option(False, help="ignore the per-language results a previous run left in --output/parts")
+    progress: bool = C.progress_option()
 
 
 @dataclass

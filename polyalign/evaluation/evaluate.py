@@ -7,7 +7,6 @@ and rank 0 merges them into the same files.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -18,11 +17,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from polyalign import config as C
 from polyalign import hardware, languages
+from polyalign.config import option
 from polyalign.data import load_data
 from polyalign.evaluation import calibration, diagnostics
 from polyalign.errors import PolyalignError
 from polyalign.engine.prompts import check_lengths
+from polyalign.evaluation.scoring import RULES
 from polyalign.stats import wilson
 from polyalign.store import append_lines, check_fingerprint, content_hash, read_jsonl, write_json, write_jsonl
 from polyalign.tasks import LABEL_MODES, Task, parse_tasks
@@ -32,50 +34,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
-    model: str = "gemma-3-270m"
-    tasks: str = "amazon_polarity"
-    langs: str = "all"
-    labels: str = "english"
-    scoring: str = "paper"
-    output: str = "runs/eval"
-    data: str | None = None
-    limit: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    adapter: str | None = None
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    trust_file_labels: bool = False
-    calibration: str = "none"
-    progress: bool = True
+    """The options of `polyalign evaluate` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    tasks: str = option("amazon_polarity", help="comma list of task names or task YAML paths")
+    langs: str = option("all", help="'all', 'high', 'low' or a comma list (en,de,zh)")
+    labels: str = option("english", help=f"label mode(s): {', '.join(LABEL_MODES)} (comma list)")
+    scoring: str = option("paper", choices=RULES, help="how a class is scored at the answer position (see README)")
+    output: str = option("runs/eval", help="output folder (resumes the run it holds)")
+    data: str | None = C.data_option()
+    limit: int | None = C.limit_option()
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    adapter: str | None = option(None, help="PEFT LoRA adapter folder (loaded, not merged)")
+    batch_tokens: int | None = C.batch_tokens_option()
+    max_length: int | None = C.max_length_option()
+    trust_file_labels: bool = C.trust_file_labels_option()
+    calibration: str = option("none", choices=calibration.CALIBRATIONS,
+                              help="also score content-free and answer-cue prompts and store calibrated scores "
+                                   "(any method but none stores all methods: they share one forward)")
+    progress: bool = C.progress_option()
     extra: dict = field(default_factory=dict)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
-    p.add_argument("--tasks", default="amazon_polarity", help="comma list of task names or task YAML paths")
-    p.add_argument("--langs", default="all", help="'all', 'high', 'low' or a comma list (en,de,zh)")
-    p.add_argument("--labels", default="english", help="label mode(s): english, native, agnostic (comma list)")
-    p.add_argument("--scoring", default="paper", choices=["paper", "first-token", "sequence"])
-    p.add_argument("--output", default="runs/eval")
-    p.add_argument("--data", default=None, help="data source (default: bundled); see README")
-    p.add_argument("--limit", type=int, default=None, help="N items per language, balanced, parallel")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (loaded, not merged)")
-    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
-    p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
-    p.add_argument("--trust-file-labels", action="store_true",
-                   help="paper-release data: take each file's own gold words instead of the parallel English ones")
-    p.add_argument("--calibration", default="none", choices=list(calibration.CALIBRATIONS),
-                   help="also score content-free / answer-cue prompts and store calibrated scores "
-                        "(any method but none stores all methods: they share one forward)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def main(args: argparse.Namespace) -> None:
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
-    evaluate(cfg)
 
 
 # ----------------------------------------------------------------------------- helpers
