@@ -82,3 +82,71 @@ def test_clustered_bootstrap_keeps_translations_together():
     assert (hi - lo) > 2.5 * (shi - slo)
     with pytest.raises(ValueError):
         paired_bootstrap_delta([a, a[:10]], [b, b[:10]], clustered=True)
+
+
+# ----------------------------------------------------------------------------- independent references
+def _exact_mcnemar(b: int, c: int, mid_p: bool = False) -> float:
+    """The exact binomial tail in integer arithmetic (a brute-force reference for scipy's)."""
+    from fractions import Fraction
+    from math import comb
+
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(k + 1))
+    p = Fraction(2 * tail - (comb(n, k) if mid_p else 0), 2 ** n)
+    return float(min(Fraction(1), p))
+
+
+@pytest.mark.parametrize("b, c", [(0, 1), (1, 0), (0, 5), (2, 3), (3, 9), (10, 10), (40, 61), (700, 760), (0, 900)])
+def test_mcnemar_matches_exact_integer_arithmetic(b, c):
+    from polyalign.stats import mcnemar_from_counts
+
+    for mid in (False, True):
+        assert mcnemar_from_counts(b, c, mid) == pytest.approx(_exact_mcnemar(b, c, mid), rel=1e-9, abs=1e-300)
+    assert mcnemar_from_counts(b, c) == mcnemar_from_counts(c, b)     # two-sided: symmetric
+    assert mcnemar_from_counts(0, 0) == 1.0 and mcnemar_from_counts(0, 0, True) == 1.0
+
+
+@pytest.mark.parametrize("k, n", [(0, 1), (1, 1), (0, 7), (7, 7), (3, 10), (50, 100), (1, 400), (399, 400)])
+def test_wilson_is_the_inverted_score_test(k, n):
+    """The Wilson bounds are the p where the score statistic |k/n - p| / sqrt(p(1-p)/n) equals z: the roots
+    of (k/n - p)^2 = z^2 p (1 - p) / n, solved here with numpy; at k = 0 (k = n) the lower (upper) root is 0 (1)."""
+    import numpy as np
+
+    from polyalign.stats import wilson
+
+    z, ph = 1.96, k / n
+    # (1 + z^2/n) p^2 - (2 ph + z^2/n) p + ph^2 = 0
+    roots = sorted(np.roots([1 + z * z / n, -(2 * ph + z * z / n), ph * ph]).real)
+    lo, hi = wilson(k, n)
+    assert (lo, hi) == pytest.approx((max(0.0, roots[0]), min(1.0, roots[1])), abs=1e-12)
+    assert 0.0 <= lo <= ph <= hi <= 1.0
+    if k == 0:
+        assert lo == 0.0
+    if k == n:
+        assert hi == 1.0
+
+
+def test_wilson_without_items_is_nan():
+    import math
+
+    from polyalign.stats import wilson
+
+    assert all(math.isnan(x) for x in wilson(0, 0))
+
+
+def test_wilson_matches_the_closed_form_to_the_last_digits():
+    """The published digits (results.json keeps full floats) stay those of the closed form used before scipy."""
+    import math
+
+    from polyalign.stats import wilson
+
+    z = 1.96
+    for n in (1, 2, 19, 200, 1000):
+        for k in range(0, n + 1, max(1, n // 25)):
+            p = k / n
+            denom = 1 + z * z / n
+            centre = (p + z * z / (2 * n)) / denom
+            half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+            assert wilson(k, n) == pytest.approx((max(0.0, centre - half), min(1.0, centre + half)), abs=1e-14)
