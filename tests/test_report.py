@@ -18,6 +18,7 @@ from polyalign import languages
 from polyalign.errors import PolyalignError
 from polyalign.reporting.report import build_report
 from polyalign.stats import paired_bootstrap_delta
+from polyalign.training.train import TrainSummary
 
 LANGS = list(languages.ALL)
 N = 40
@@ -76,7 +77,7 @@ def make_run(root: Path, with_analyses: bool = True) -> tuple[Path, dict]:
         (t / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
             {"step": 1, "epoch": 0.5, "loss": 2.5, "lr": 1e-4}, {"step": 2, "epoch": 1.0, "loss": 1.5, "lr": 5e-5},
             {"step": 2, "epoch": 1.0, "eval_loss": 1.7}]), "utf-8")
-        (t / "summary.json").write_text(json.dumps({"train_examples": 64, "seconds": 12.5}), "utf-8")
+        TrainSummary(examples=64, seconds=12.5).write(t)      # through train's own record
         _png(t / "loss.png", f"loss {name}")
         _eval(step("eval", f"eval {name}", name), "amazon_polarity", oc, adapter="a")
     if with_analyses:
@@ -322,6 +323,36 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert rgb.min() < 0.2 and rgb.max() > 0.9 and rgb.std() > 0.05
     colourful = np.abs(rgb[..., 0] - rgb[..., 2]) > 0.2
     assert colourful.mean() > 0.001
+
+
+def test_training_table_reads_what_train_writes(tmp_path, tiny_llama_path):
+    """The training step's folder is written by a real `train` run, not by hand: before, the report read
+    `train_examples` while train wrote `examples`, and no real report showed its number of training pairs."""
+    from conftest import write_jsonl
+
+    from polyalign.training import train as T
+
+    root, _ = make_run(tmp_path / "run", with_analyses=False)
+    step = next(s for s in json.loads((root / "manifest.json").read_text())["steps"] if s["kind"] == "train")
+    folder = root / step["dir"]
+    shutil.rmtree(folder)                      # the fake outputs; train writes the real ones here
+    pairs = [{"input": f"Frage {i}: rot blau?", "output": f"Question {i}: red blue?"} for i in range(10)]
+    write_jsonl(tmp_path / "pairs" / "train.jsonl", pairs)
+    write_jsonl(tmp_path / "pairs" / "val.jsonl", pairs[:2])
+    summary = T.train(T.TrainConfig(model=tiny_llama_path, data=str(tmp_path / "pairs"), output=str(folder),
+                                    progress=False, overrides=["threads=1", "dtype=fp32", "max_steps=2",
+                                                               "batch_size=4", "micro_batch_size=4"]))
+    (folder / "done.json").write_text(json.dumps({"key": "k"}), "utf-8")
+    build_report(root, bootstrap=50)
+    with (root / "report" / "training.csv").open(encoding="utf-8", newline="") as f:
+        rows = {r["step"]: r for r in csv.DictReader(f)}
+    real = rows[step["label"]]
+    assert summary["examples"] == 10 and real["train pairs"] == "10"
+    assert real["steps"] == "2" and real["seconds"] == f"{summary['seconds']:.0f}"
+    assert real["final eval loss"] == f"{summary['final_eval_loss']:.3f}"
+    md = (root / "report.md").read_text("utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| step | model | setting |"))
+    assert "train pairs" in header
 
 
 @pytest.mark.parametrize("content", ['{"rows": [{"task": "amazon', "", "[]"], ids=["truncated", "empty", "list"])

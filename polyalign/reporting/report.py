@@ -23,6 +23,7 @@ from polyalign import languages
 from polyalign.errors import PolyalignError
 from polyalign.stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
 from polyalign.store import read_jsonl, write_atomic
+from polyalign.training.train import TrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -433,13 +434,7 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
         rows, images = [], []
         for s in trains:
             folder = run / s["dir"]
-            summ = {}
-            if (folder / "summary.json").exists():
-                try:
-                    summ = json.loads((folder / "summary.json").read_text("utf-8"))
-                except json.JSONDecodeError:
-                    summ = {}
-            rows.append(_train_row(s, folder, summ))
+            rows.append(_train_row(s, folder, TrainSummary.read(folder)))
             images += [(png, f"{s['label']}: {png.stem.replace('_', ' ')} (from {s['dir']})")
                        for png in sorted(folder.glob("*.png"))]
         keys = ["step", "model", "setting"] + [k for k in ("steps", "epochs", "train pairs", "first loss",
@@ -745,7 +740,7 @@ def _p(p: float) -> str:
     return f"p={p:.3f}".replace("0.", ".", 1)
 
 
-def _train_row(step: dict, folder: Path, summ: dict) -> dict:
+def _train_row(step: dict, folder: Path, summ: TrainSummary | None) -> dict:
     row = {"step": step["label"], "model": step.get("model") or "", "setting": step.get("setting") or ""}
     log = read_jsonl(folder / "train_log.jsonl")
     train_losses = [r for r in log if "loss" in r and "eval_loss" not in r]
@@ -758,16 +753,14 @@ def _train_row(step: dict, folder: Path, summ: dict) -> dict:
             row["epochs"] = f"{float(train_losses[-1]['epoch']):.2f}"
     if evals:
         row["final eval loss"] = f"{float(evals[-1]['eval_loss']):.3f}"
-    for key, name in (("train_examples", "train pairs"), ("n_train", "train pairs"), ("train_pairs", "train pairs"),
-                      ("seconds", "seconds"), ("train_seconds", "seconds"), ("wall_s", "seconds")):
-        if key in summ and name not in row:
-            v = summ[key]
-            row[name] = f"{v:.0f}" if isinstance(v, float) else v
-    if "final eval loss" not in row:
-        for key in ("eval_loss", "final_eval_loss", "best_eval_loss"):
-            if isinstance(summ.get(key), (int, float)):
-                row["final eval loss"] = f"{summ[key]:.3f}"
-                break
+    if summ is None:
+        return row
+    if summ.examples is not None:
+        row["train pairs"] = summ.examples
+    if summ.seconds is not None:
+        row["seconds"] = f"{summ.seconds:.0f}" if isinstance(summ.seconds, float) else summ.seconds
+    if "final eval loss" not in row and isinstance(summ.final_eval_loss, (int, float)):
+        row["final eval loss"] = f"{summ.final_eval_loss:.3f}"
     return row
 
 

@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from importlib.resources import files
 from pathlib import Path
 
@@ -493,7 +493,61 @@ def _accelerator(mixed_precision: str, n_micro: int, cpu: bool):
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=n_micro, cpu=cpu)
 
 
+@dataclass
+class TrainSummary:
+    """A finished run's summary.json: `train` writes it through this record and `polyalign report` reads it
+    through the same one, so that the two cannot disagree on a key. None = not known (an older file)."""
+    train_tokens: int | None = None           # prompt and target tokens of the training steps
+    target_tokens: int | None = None
+    seconds: float | None = None              # time in the training steps
+    tokens_per_s: float | None = None
+    cpu_seconds: float | None = None          # this process's CPU time in the training steps (all threads)
+    final_eval_loss: float | None = None
+    truncated: int | None = None              # pairs cut to the cutoff
+    steps: int | None = None
+    epochs: float | None = None
+    examples: int | None = None               # training pairs
+    val_examples: int | None = None           # validation pairs
+    final_train_loss: float | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    world_size: int | None = None
+    fast_loss: bool | None = None
+    resumed_from: int | None = None
+    wall_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    adapter: str | None = None
+    merged: str | None = None
+    data: str | None = None
+
+    FILE = "summary.json"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSummary":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def write(self, folder: Path) -> None:
+        write_json(Path(folder) / self.FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, folder: Path) -> "TrainSummary | None":
+        """The summary in `folder`, or None when there is none or it does not parse."""
+        path = Path(folder) / cls.FILE
+        try:
+            d = json.loads(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return cls.from_dict(d) if isinstance(d, dict) else None
+
+
 def train(cfg: TrainConfig) -> dict:
+    """Train (or resume, or find finished) the run of `cfg`; returns its TrainSummary as a dict ({"rank": r} on
+    processes other than the first)."""
     if not cfg.data:
         raise PolyalignError("--data is required (a `polyalign prepare` folder or a file of pairs)")
     if not cfg.output:
@@ -526,14 +580,14 @@ def train(cfg: TrainConfig) -> dict:
     mode = _check_output(out, resolved, cfg.resume)
     state.wait_for_everyone()      # no process may write before all have looked
     if mode == "done":
-        summary = json.loads((out / "summary.json").read_text("utf-8"))
+        summary = TrainSummary.read(out) or TrainSummary()
         if cfg.merge and not (out / "merged" / "config.json").exists() and rank == 0:
             _merge_saved(out, hp)
-            summary["merged"] = str(out / "merged")
+            summary.merged = str(out / "merged")
         if rank == 0:
             print(f"train: {out} already holds this finished run (final eval loss "
-                  f"{summary.get('final_eval_loss')}); nothing to do", file=sys.stderr)
-        return summary
+                  f"{summary.final_eval_loss}); nothing to do", file=sys.stderr)
+        return summary.to_dict()
 
     threads_before = torch.get_num_threads()
     if hp["threads"]:
@@ -858,27 +912,24 @@ def _finish(s: _Setup, hp: dict, prog: _Progress, last_eval: float | None, out: 
         log = read_jsonl(out / "train_log.jsonl")
         plot_losses(log, out / "loss.png", title=out.name)
         mp, total, tokens, train_seconds = s.mixed_precision, s.schedule.total, prog.tokens, prog.train_seconds
-        summary = {
-            "train_tokens": tokens, "target_tokens": prog.target_tokens, "seconds": round(train_seconds, 3),
-            "tokens_per_s": round(tokens / train_seconds, 2) if train_seconds else None,
-            "cpu_seconds": round(prog.cpu_seconds, 3),   # this process's CPU time in the training steps (all threads)
-            "final_eval_loss": last_eval, "truncated": s.truncated, "steps": total,
-            "epochs": round(total / s.schedule.steps_per_epoch, 4), "examples": len(s.train_ex),
-            "val_examples": len(s.val_ex),
-            "final_train_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
-            "model": hp["model"], "device": str(s.device), "dtype": mp if mp != "no" else "fp32",
-            "world_size": s.world, "fast_loss": s.fast, "resumed_from": prog.resumed_from,
-            "wall_seconds": round(time.time() - s.wall_start, 3), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "adapter": str(out), "merged": None, "data": data_desc,
-        }
+        summary = TrainSummary(
+            train_tokens=tokens, target_tokens=prog.target_tokens, seconds=round(train_seconds, 3),
+            tokens_per_s=round(tokens / train_seconds, 2) if train_seconds else None,
+            cpu_seconds=round(prog.cpu_seconds, 3), final_eval_loss=last_eval, truncated=s.truncated, steps=total,
+            epochs=round(total / s.schedule.steps_per_epoch, 4), examples=len(s.train_ex),
+            val_examples=len(s.val_ex),
+            final_train_loss=next((r["loss"] for r in reversed(log) if "loss" in r), None),
+            model=hp["model"], device=str(s.device), dtype=mp if mp != "no" else "fp32", world_size=s.world,
+            fast_loss=s.fast, resumed_from=prog.resumed_from, wall_seconds=round(time.time() - s.wall_start, 3),
+            peak_rss_mb=round(_peak_rss_mb(), 1), adapter=str(out), merged=None, data=data_desc)
         if merge:
             _merge_saved(out, hp) if sharded else _merge_in_place(unwrapped, s.tokenizer, out)
-            summary["merged"] = str(out / "merged")
-        write_json(out / "summary.json", summary)
-        print(f"train: done, {tokens} tokens in {train_seconds:.1f} s ({summary['tokens_per_s']} tokens/s), "
+            summary.merged = str(out / "merged")
+        summary.write(out)
+        print(f"train: done, {tokens} tokens in {train_seconds:.1f} s ({summary.tokens_per_s} tokens/s), "
               f"final eval loss {last_eval}; adapter in {out}", file=sys.stderr)
     s.accelerator.wait_for_everyone()
-    return summary if summary is not None else {"rank": s.rank}
+    return summary.to_dict() if summary is not None else {"rank": s.rank}
 
 
 def _fused_ok() -> bool:
