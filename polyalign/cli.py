@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import sys
 
 from polyalign.errors import PolyalignError
@@ -34,8 +35,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLines(logging.Handler):
+    """The library logs and prints nothing; the CLI shows its polyalign.* messages (INFO and up) as bare lines
+    on the stderr of the moment, through tqdm.write so that a progress bar is not torn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger, handler = logging.getLogger("polyalign"), _StderrLines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         importlib.import_module(args._module).main(args)
     except PolyalignError as e:

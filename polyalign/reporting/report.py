@@ -742,9 +742,9 @@ def _p(p: float) -> str:
 
 def _train_row(step: dict, folder: Path, summ: TrainSummary | None) -> dict:
     row = {"step": step["label"], "model": step.get("model") or "", "setting": step.get("setting") or ""}
-    log = read_jsonl(folder / "train_log.jsonl")
-    train_losses = [r for r in log if "loss" in r and "eval_loss" not in r]
-    evals = [r for r in log if "eval_loss" in r]
+    train_log = read_jsonl(folder / "train_log.jsonl")
+    train_losses = [r for r in train_log if "loss" in r and "eval_loss" not in r]
+    evals = [r for r in train_log if "eval_loss" in r]
     if train_losses:
         row["first loss"] = f"{float(train_losses[0]['loss']):.3f}"
         row["final loss"] = f"{float(train_losses[-1]['loss']):.3f}"

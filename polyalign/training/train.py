@@ -31,12 +31,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import math
 import os
 import random
 import resource
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -51,6 +51,8 @@ from polyalign.store import append_lines, content_hash, read_jsonl, write_atomic
 # Keys that may differ between a run and its resumption (they change neither the data nor the maths).
 NON_SEMANTIC = {"device", "threads", "save_steps", "save_total_limit"}
 FRACTIONAL = {"epochs", "lora_alpha"}      # whole numbers by default, fractions allowed
+log = logging.getLogger(__name__)
+
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -585,8 +587,8 @@ def train(cfg: TrainConfig) -> dict:
             _merge_saved(out, hp)
             summary.merged = str(out / "merged")
         if rank == 0:
-            print(f"train: {out} already holds this finished run (final eval loss "
-                  f"{summary.final_eval_loss}); nothing to do", file=sys.stderr)
+            log.info("train: %s already holds this finished run (final eval loss %s); nothing to do",
+                     out, summary.final_eval_loss)
         return summary.to_dict()
 
     threads_before = torch.get_num_threads()
@@ -796,13 +798,13 @@ def _start_run_folder(s: _Setup, hp: dict, resolved: dict, out: Path, mode: str)
                                                              allow_unicode=True))
             write_jsonl(out / "train_log.jsonl", [])
         else:
-            log = [r for r in read_jsonl(out / "train_log.jsonl", repair=True) if r.get("step", 0) <= prog.step]
-            write_jsonl(out / "train_log.jsonl", log)
+            kept = [r for r in read_jsonl(out / "train_log.jsonl", repair=True) if r.get("step", 0) <= prog.step]
+            write_jsonl(out / "train_log.jsonl", kept)
         mp = s.mixed_precision
-        print(f"train: {len(s.train_ex)} pairs ({len(s.val_ex)} val), {sch.total} steps of {hp['batch_size']} "
-              f"({s.n_micro} x {hp['micro_batch_size']} per process, {s.world} process(es)), {s.device}, "
-              f"{mp if mp != 'no' else 'fp32'}" + (f"; resuming at step {prog.step}" if prog.resumed_from else ""),
-              file=sys.stderr)
+        log.info("train: %d pairs (%d val), %d steps of %d (%d x %d per process, %d process(es)), %s, %s%s",
+                 len(s.train_ex), len(s.val_ex), sch.total, hp["batch_size"], s.n_micro, hp["micro_batch_size"],
+                 s.world, s.device, mp if mp != "no" else "fp32",
+                 f"; resuming at step {prog.step}" if prog.resumed_from else "")
     s.accelerator.wait_for_everyone()
     return prog
 
@@ -833,14 +835,14 @@ def _loop(s: _Setup, hp: dict, prog: _Progress, out: Path, progress: bool) -> fl
                 if s.rank == 0:
                     append_lines(out / "train_log.jsonl", [{"step": prog.step, "epoch": epoch_f,
                                                             "eval_loss": last_eval}])
-                    bar.write(f"step {prog.step}: eval loss {last_eval:.4f}")
+                    log.info("step %d: eval loss %.4f", prog.step, last_eval)
             if prog.step % sch.save_every == 0 and prog.step < sch.total:
                 _save_checkpoint(out, prog.step, s.accelerator, s.peft_model, s.names, s.optimizer, s.scheduler,
                                  prog.state(), hp["save_total_limit"])
     except KeyboardInterrupt:
         if s.rank == 0:
-            print(f"train: interrupted at step {prog.step}; rerun the same command with --resume to continue "
-                  f"from the last checkpoint", file=sys.stderr)
+            log.warning("train: interrupted at step %d; rerun the same command with --resume to continue "
+                        "from the last checkpoint", prog.step)
         raise
     finally:
         bar.close()
@@ -909,8 +911,8 @@ def _finish(s: _Setup, hp: dict, prog: _Progress, last_eval: float | None, out: 
     if s.rank == 0:
         unwrapped = s.accelerator.unwrap_model(s.wrapped).model
         _save_adapter(unwrapped, out, full)
-        log = read_jsonl(out / "train_log.jsonl")
-        plot_losses(log, out / "loss.png", title=out.name)
+        records = read_jsonl(out / "train_log.jsonl")
+        plot_losses(records, out / "loss.png", title=out.name)
         mp, total, tokens, train_seconds = s.mixed_precision, s.schedule.total, prog.tokens, prog.train_seconds
         summary = TrainSummary(
             train_tokens=tokens, target_tokens=prog.target_tokens, seconds=round(train_seconds, 3),
@@ -918,7 +920,7 @@ def _finish(s: _Setup, hp: dict, prog: _Progress, last_eval: float | None, out: 
             cpu_seconds=round(prog.cpu_seconds, 3), final_eval_loss=last_eval, truncated=s.truncated, steps=total,
             epochs=round(total / s.schedule.steps_per_epoch, 4), examples=len(s.train_ex),
             val_examples=len(s.val_ex),
-            final_train_loss=next((r["loss"] for r in reversed(log) if "loss" in r), None),
+            final_train_loss=next((r["loss"] for r in reversed(records) if "loss" in r), None),
             model=hp["model"], device=str(s.device), dtype=mp if mp != "no" else "fp32", world_size=s.world,
             fast_loss=s.fast, resumed_from=prog.resumed_from, wall_seconds=round(time.time() - s.wall_start, 3),
             peak_rss_mb=round(_peak_rss_mb(), 1), adapter=str(out), merged=None, data=data_desc)
@@ -926,8 +928,8 @@ def _finish(s: _Setup, hp: dict, prog: _Progress, last_eval: float | None, out: 
             _merge_saved(out, hp) if sharded else _merge_in_place(unwrapped, s.tokenizer, out)
             summary.merged = str(out / "merged")
         summary.write(out)
-        print(f"train: done, {tokens} tokens in {train_seconds:.1f} s ({summary.tokens_per_s} tokens/s), "
-              f"final eval loss {last_eval}; adapter in {out}", file=sys.stderr)
+        log.info("train: done, %d tokens in %.1f s (%s tokens/s), final eval loss %s; adapter in %s",
+                 tokens, train_seconds, summary.tokens_per_s, last_eval, out)
     s.accelerator.wait_for_everyone()
     return summary.to_dict() if summary is not None else {"rank": s.rank}
 
@@ -950,13 +952,12 @@ def _fast_loss_ok(peft_model, ex: Example, chunk: int, device, dtype, pad) -> bo
                                                     tgts, reduction="sum")
             fast = make_loss_model(peft_model, chunk, True)(ids, rows, cols, tgts)
     except Exception as e:  # an architecture the fast path does not fit
-        print(f"train: fast loss unavailable ({type(e).__name__}: {e}); using the model's full logits",
-              file=sys.stderr)
+        log.warning("train: fast loss unavailable (%s: %s); using the model's full logits", type(e).__name__, e)
         return False
     ok = abs(float(ref) - float(fast)) <= 2e-2 * max(1.0, abs(float(ref)))
     if not ok:
-        print(f"train: fast loss {float(fast):.4f} != model loss {float(ref):.4f}; using the model's full logits",
-              file=sys.stderr)
+        log.warning("train: fast loss %.4f != model loss %.4f; using the model's full logits", float(fast),
+                    float(ref))
     return ok
 
 
