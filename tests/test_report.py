@@ -25,15 +25,13 @@ N = 40
 
 
 def _png(path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(3, 2))
+    fig = Figure(figsize=(3, 2))
+    ax = fig.subplots()
     ax.plot([0, 1, 2], [1, 0.5, 0.2])
     ax.set_title(title)
     fig.savefig(path, dpi=50)
-    plt.close(fig)
 
 
 def _eval(folder: Path, task: str, outcomes: dict[str, list[bool]], adapter: str | None = None) -> None:

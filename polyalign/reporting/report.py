@@ -284,13 +284,20 @@ def _slug(*parts: str) -> str:
 
 # ----------------------------------------------------------------------------- figures
 def _heatmap(path: Path, rows: list[str], cols: list[str], values, title: str, diverging: bool = False) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from polyalign.reporting import plots
+    fig = heatmap_figure(rows, cols, values, title, diverging)
+    return plots.save(fig, path, tight=False)
+
+
+def heatmap_figure(rows: list[str], cols: list[str], values, title: str, diverging: bool = False):
+    """Accuracies (or their changes, `diverging`) in points, one row per model or setting (a Figure; in
+    matplotlib's default style, as the report has always drawn it)."""
     import numpy as np
+    from matplotlib.figure import Figure
 
     data = np.array([[np.nan if v is None else 100 * v for v in r] for r in values], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cols) + 2.5), max(1.6, 0.5 * len(rows) + 1.2)))
+    fig = Figure(figsize=(max(6.0, 0.55 * len(cols) + 2.5), max(1.6, 0.5 * len(rows) + 1.2)))
+    ax = fig.subplots()
     if diverging:
         lim = max(1.0, float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0)
         im = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -308,10 +315,7 @@ def _heatmap(path: Path, rows: list[str], cols: list[str], values, title: str, d
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label="Δ accuracy (points)" if diverging else "accuracy (%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -1089,14 +1089,22 @@ def _merge_saved(out: Path, hp: dict) -> None:
     _merge_in_place(lm.model, lm.tokenizer, out)
 
 
-def plot_losses(log: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
+    """loss_figure of train_log.jsonl's records, written to `path` (atomically)."""
+    fig = loss_figure(records, title)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
-    tr = [(r["step"], r["loss"]) for r in log if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+def loss_figure(records: list[dict], title: str = ""):
+    """Training and validation loss per optimizer step (a matplotlib Figure, outside pyplot)."""
+    from matplotlib.figure import Figure
+
+    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if tr:
         ax.plot(*zip(*tr), label="train", lw=1.2)
     if ev:
@@ -1107,7 +1115,4 @@ def plot_losses(log: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
