@@ -348,7 +348,11 @@ def broken_steps(run: Path, steps: list[dict]) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None) -> Path:
+def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None,
+                 warn_broken: bool = True) -> Path:
+    """Write report.md, report.html and report/ (tables, figures) for the run folder; returns report.html.
+    Broken steps are left out, listed in the report and, with `warn_broken`, logged as warnings (the CLI
+    turns them into its one-line error instead)."""
     run = Path(run_dir)
     mpath = run / "manifest.json"
     if not mpath.exists():
@@ -370,7 +374,7 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     models = [m["label"] for m in manifest.get("models", [])]
     steps = manifest.get("steps", [])
     broken = {label: problem for label, (_, problem) in broken_steps(run, steps).items()}
-    for label, problem in broken.items():
+    for label, problem in broken.items() if warn_broken else ():
         log.warning("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
     done = [s for s in steps if s["label"] not in broken
             and (s.get("status") == "done" or (run / s["dir"] / "done.json").exists())]
@@ -871,7 +875,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    out = build_report(args.run_dir, args.bootstrap, args.seed)
+    out = build_report(args.run_dir, args.bootstrap, args.seed, warn_broken=False)   # broken: the error below
     print(f"report: {Path(args.run_dir) / 'report.md'}")
     print(str(out))
     run = Path(args.run_dir)
