@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(r"""
     results = {s.label: ({L: {lang: rng.normal(size=(n, 2)) for lang in langs} for L in range(layers + 1)},
                          {L: [0.5, 0.2] for L in range(layers + 1)},
                          [(L, a, b, float(rng.uniform(-1, 1))) for L in range(layers + 1) for a, b in pairs],
-                         [(L, lang, 0.8, 0.6, 0.5) for L in range(layers + 1) for lang in langs]) for s in specs}
+                         [geometry.AlignmentRow(L, lang, 0.8, 0.6, 0.5) for L in range(layers + 1) for lang in langs])
+               for s in specs}
     paths = [
         lens.plot_lang(out / "lens_de.png", "de", specs, stats),
         lens.plot_overlay(out / "lens_overlay.png", langs, specs, stats),

@@ -240,6 +240,21 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return sorted(set(max(0, c) for c in chosen))
 
 
+@dataclass(frozen=True)
+class AlignmentRow:
+    """The alignment of one language with the pivot at one layer (a row of alignment.csv, less the model)."""
+    layer: int
+    lang: str
+    cos_parallel: float         # mean cosine of an item and its translation
+    cos_nonparallel: float      # mean cosine of an item and the other items' translations
+    retrieval_acc: float        # share of items whose nearest pivot item is their translation
+
+    METRICS = ("cos_parallel", "cos_nonparallel", "retrieval_acc")
+
+    def values(self) -> list:
+        return [self.layer, self.lang, *(getattr(self, m) for m in self.METRICS)]
+
+
 def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
     """All layers of one model: PCA scores, explained ratios, Pearson pairs and alignment rows."""
     n_layers = next(iter(states.values())).shape[1] - 1
@@ -254,7 +269,7 @@ def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
             c = center(by_lang, how)
             for lang in states:
                 if lang != pivot:
-                    align.append((layer, lang, *alignment_metrics(c[lang], c[pivot])))
+                    align.append(AlignmentRow(layer, lang, *alignment_metrics(c[lang], c[pivot])))
     return scores, ratios, pearson, align
 
 
@@ -352,7 +367,7 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
 
     write_csv(output / "pearson.csv", ["model", "layer", "lang_a", "lang_b", "r"],
               [[s.label, *row] for s in specs for row in results[s.label][2]])
-    align_rows = [[s.label, *row] for s in specs for row in results[s.label][3]]
+    align_rows = [[s.label, *row.values()] for s in specs for row in results[s.label][3]]
     if pivot is not None:
         write_csv(output / "alignment.csv",
                   ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"], align_rows)
@@ -400,11 +415,9 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
             e = {"pca_explained_variance": [float(x) for x in ratios[layer]],
                  "pearson": {f"{a}-{b}": r for lyr, a, b, r in pearson if lyr == layer}}
             if pivot is not None:
-                rows = [r for r in align if r[0] == layer]
-                e["alignment"] = {r[1]: {"cos_parallel": r[2], "cos_nonparallel": r[3], "retrieval_acc": r[4]}
-                                  for r in rows}
-                e["alignment_mean"] = {m: float(np.mean([r[2 + i] for r in rows]))
-                                       for i, m in enumerate(["cos_parallel", "cos_nonparallel", "retrieval_acc"])}
+                rows = [r for r in align if r.layer == layer]
+                e["alignment"] = {r.lang: {m: getattr(r, m) for m in AlignmentRow.METRICS} for r in rows}
+                e["alignment_mean"] = {m: float(np.mean([getattr(r, m) for r in rows])) for m in AlignmentRow.METRICS}
             entry[s.label] = e
         for s in specs[1:]:
             d = {"pearson": {k: v - entry[ref]["pearson"][k] for k, v in entry[s.label]["pearson"].items()}}
@@ -537,8 +550,8 @@ def alignment_figure(langs, specs, results, pivot, how):
                     if panel == "pearson":
                         pts = [(lyr, r) for lyr, a, b, r in pearson if {a, b} == {ref, lang}]
                     else:
-                        pts = [(r[0], r[4] if panel == "retrieval_acc" else r[2] - r[3]) for r in align
-                               if r[1] == lang]
+                        pts = [(r.layer, r.retrieval_acc if panel == "retrieval_acc"
+                                else r.cos_parallel - r.cos_nonparallel) for r in align if r.lang == lang]
                     x, y = zip(*pts)
                     ax.plot(x, y, ls, color=colors[lang], lw=1.3,
                             label=f"{lang} · {s.label}" if len(specs) > 1 else lang)
