@@ -16,31 +16,33 @@ Only the answer position is unembedded; the demos' KV cache is computed once per
 Outputs in --output: lens.csv, samples.npz, excluded.csv, lens_<lang>.png, lens_overlay.png (two
 or more models), summary.json, and parts/<model>/<lang>.npz: each (model, language) saved as soon as
 it is done under a hash of what determines it, so a killed or repeated run computes only what is
-missing (--recompute ignores them). The helpers for models and prompts here are shared with geometry.
+missing (--recompute ignores them). What lens shares with geometry is in analysis/common.py.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import gc
-import io
 import json
+import logging
 import math
-import os
-import re
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.config import option
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_atomic, write_json
-from polyalign.engine.prompts import Prompt, PromptSet, batch_groups, check_lengths, prepare_prompts  # noqa: F401 (re-exported)
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
+                                       check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
+                                       release_memory, write_npz)
+from polyalign.store import content_hash, write_csv, write_json
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
+
+log = logging.getLogger(__name__)
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
 LN2 = math.log(2.0)
@@ -48,134 +50,6 @@ LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to c
 PART_VERSION = 1    # bump when the per-language arrays change meaning
 
 
-# ============================================================================= shared: models
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to analyse: `label` names it in every output ("base", or the adapter folder's name)."""
-    label: str
-    model: str
-    adapter: str | None = None
-
-
-def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[ModelSpec]:
-    """`--model M [--adapter A] [--compare-adapter B ...]` -> [M(+A), M+B, ...]; labels are unique."""
-    compare = [compare_adapter] if isinstance(compare_adapter, str) else list(compare_adapter or [])
-    specs, seen = [], set()
-    for a in [adapter, *compare]:
-        if a is not None and not Path(a, "adapter_config.json").exists():
-            raise PolyalignError(f"no PEFT adapter at {a!r} (adapter_config.json missing)")
-        label = "base" if a is None else (re.sub(r"[^\w.+-]+", "_", Path(a).resolve().name) or "adapter")
-        base, k = label, 2
-        while label in seen:
-            label, k = f"{base}-{k}", k + 1
-        seen.add(label)
-        specs.append(ModelSpec(label, model, a))
-    return specs
-
-
-def _file_fingerprint(path: Path) -> list:
-    return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
-
-
-def model_fingerprint(spec: ModelSpec) -> dict:
-    """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
-    fp: dict = {"model": spec.model}
-    root = Path(spec.model)
-    if root.is_dir():
-        cfg = root / "config.json"
-        fp["config"] = content_hash(cfg.read_text("utf-8")) if cfg.exists() else None
-        fp["weights"] = [_file_fingerprint(p) for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))]
-    if spec.adapter:
-        import hashlib
-        h = hashlib.sha256()
-        for p in sorted(Path(spec.adapter).iterdir()):
-            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json"):
-                h.update(p.name.encode())
-                h.update(p.read_bytes())
-        fp["adapter"] = h.hexdigest()[:16]
-    return fp
-
-
-def release_memory() -> None:
-    """After the caller dropped its references to a model: free it before the next one loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ============================================================================= shared: prompts
-# Prompt preparation and batching live in polyalign.engine.prompts (shared with the evaluator).
-def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[str]:
-    prefix = task.demo_prefix(lang, mode)
-    return [prefix + task.query(lang, it) for it in items]
-
-
-# ============================================================================= shared: files
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow([_fmt(v) for v in r])
-    write_atomic(Path(path), buf.getvalue())
-
-
-def _fmt(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(float(v)) else f"{float(v):.6g}"
-    return v
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez into a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_items(task: Task, langs: list[str], data, limit, trust_file_labels) -> tuple[dict[str, list[dict]], list[str]]:
-    from polyalign.data import load_data
-    if limit is not None and limit <= 0:
-        raise PolyalignError("--limit must be a positive number")
-    loaded = load_data(task, langs, data, limit, trust_file_labels)
-    return loaded.items, loaded.issues
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder for --model")
-    p.add_argument("--compare-adapter", action="append", default=None, metavar="DIR",
-                   help="also analyse --model with this adapter (repeatable); outputs compare them "
-                        "with the first model (the base, or --adapter)")
-    p.add_argument("--task", default="amazon_polarity", help="task name or task YAML path")
-    p.add_argument("--data", default=None, help="data source (default: bundled); as for evaluate")
-    p.add_argument("--limit", type=int, default=None, help="N items per language, balanced, parallel")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
-    p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
-    p.add_argument("--trust-file-labels", action="store_true",
-                   help="paper-release data: take each file's own gold words instead of the parallel English ones")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
-    kw["compare_adapter"] = list(kw.get("compare_adapter") or [])
-    return cls(**kw)
-
-
-def check_mode(mode: str) -> None:
-    if mode not in LABEL_MODES:
-        raise PolyalignError(f"unknown label mode {mode!r}; use {', '.join(LABEL_MODES)}")
-
-
-# ============================================================================= lens: token sets
 @dataclass
 class LensSets:
     """The `paper` token sets of one language: per class, in the target language and in English."""
@@ -299,16 +173,6 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, mean - half, mean + half
 
 
-def cache_key(spec: ModelSpec, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
-    """Hash of what determines one (model, language)'s results, for lens parts and geometry states:
-    the weights (and adapter), dtype, context limit, task file, language, label mode, prompts, `extra`."""
-    from polyalign.models import resolve_device, resolve_dtype
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
-    return content_hash({"weights": model_fingerprint(spec), "dtype": dtype, "max_length": cfg.max_length,
-                         "task": task_hash, "lang": lang, "labels": cfg.labels, "prompts": content_hash(texts),
-                         **extra})
-
-
 def save_part(path: Path, key: str, arrays: dict[str, np.ndarray], tokens: dict) -> None:
     write_npz(path, {**arrays, "_key": np.array(key), "_tokens": np.array(json.dumps(tokens, ensure_ascii=False))})
 
@@ -353,46 +217,77 @@ def latent_reading(stats: dict) -> dict:
 # ============================================================================= command
 @dataclass
 class LensConfig:
-    model: str = "gemma-3-270m"
-    adapter: str | None = None
-    compare_adapter: list[str] = field(default_factory=list)
-    task: str = "amazon_polarity"
-    langs: str = "zh,ja,ru"
-    labels: str = "native"
-    output: str = "runs/lens"
-    data: str | None = None
-    limit: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    keep_overlapping: bool = False
-    trust_file_labels: bool = False
-    recompute: bool = False
-    progress: bool = True
+    """The options of `polyalign lens` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    adapter: str | None = adapter_option()
+    compare_adapter: list[str] = compare_adapter_option()
+    task: str = analysis_task_option()
+    langs: str = option("zh,ja,ru", help="'all', 'high', 'low' or a comma list")
+    labels: str = option("native", choices=LABEL_MODES,
+                         help="label words in the demos (the paper's lens uses native); the target answer is "
+                              "always the native word, the English twin the English word")
+    output: str = option("runs/lens", help="output folder")
+    data: str | None = C.data_option()
+    limit: int | None = C.limit_option()
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    batch_tokens: int | None = C.batch_tokens_option()
+    max_length: int | None = C.max_length_option()
+    keep_overlapping: bool = option(False, help="keep samples whose English and target token sets overlap "
+                                                "(counted either way)")
+    trust_file_labels: bool = C.trust_file_labels_option()
+    recompute: bool = option(False, help="ignore the per-language results a previous run left in --output/parts")
+    progress: bool = C.progress_option()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--langs", default="zh,ja,ru", help="'all', 'high', 'low' or a comma list")
-    p.add_argument("--labels", default="native", choices=list(LABEL_MODES),
-                   help="label words in the demos (the paper's lens uses native); the target answer is "
-                        "always the native word, the English twin the English word")
-    p.add_argument("--output", default="runs/lens")
-    p.add_argument("--keep-overlapping", action="store_true",
-                   help="keep samples whose English and target token sets overlap (counted either way)")
-    p.add_argument("--recompute", action="store_true",
-                   help="ignore the per-language results a previous run left in --output/parts")
+@dataclass
+class LensResult(Mapping):
+    """What `run_lens` found. `summary` is summary.json's content (the result also reads like it:
+    `result["reading"]`); `stats[model][lang]` holds n and, per measure, the (mean, ci_low, ci_high)
+    arrays over layers; `samples[model][lang]` the per-sample arrays of samples.npz; `rows` the
+    lines of lens.csv. `figure()` draws the curves as a matplotlib Figure (no pyplot)."""
+    summary: dict
+    stats: dict
+    samples: dict
+    rows: list[dict]
+    models: list[str]
+    langs: list[str]
+    output: Path | None = None
+
+    def figure(self, lang: str | None = None):
+        """One language's Wendler-style panels (entropy strip, probability curves with 95% CI bands),
+        or with lang=None the target and English answer curves of every language side by side."""
+        specs = [AnalysedModel(label, "", None) for label in self.models]
+        if lang is None:
+            return overlay_figure(self.langs, specs, self.stats)
+        if lang not in self.langs:
+            raise PolyalignError(f"no lens results for {lang!r}; this result holds {', '.join(self.langs)}")
+        return lang_figure(lang, specs, self.stats)
+
+    def to_pandas(self):
+        """The rows of lens.csv as a pandas DataFrame (pandas is not a dependency)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.rows)
+
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def __iter__(self):
+        return iter(self.summary)
+
+    def __len__(self):
+        return len(self.summary)
 
 
-def main(args: argparse.Namespace) -> None:
-    run_lens(config_from_args(LensConfig, args))
-
-
-def run_lens(cfg: LensConfig) -> dict:
+def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
+    """The lens of `cfg.model` (with cfg.adapter, and each of cfg.compare_adapter), or of the loaded
+    `model` with its `tokenizer`. With `cfg.output` None nothing is written (no parts to resume from)."""
     from tqdm.auto import tqdm
 
-    from polyalign.models import load_model
+    from polyalign.models import from_loaded, load_model
     from polyalign.engine.runner import PrefixRunner
     from polyalign.engine.model_parts import max_context
 
@@ -405,25 +300,41 @@ def run_lens(cfg: LensConfig) -> dict:
         task.demo_prefix(lang, cfg.labels)
         task.label_words(lang, "native")
         task.label_words(lang, "english")
-    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    preloaded = None
+    if model is not None:
+        if cfg.adapter or cfg.compare_adapter:
+            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
+                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
+        preloaded = from_loaded(model, tokenizer)
+        cfg = replace(cfg, model=preloaded.name)
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+    else:
+        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     for line in issues:
-        print(f"data: {line}", file=sys.stderr)
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+        log.warning("data: %s", line)
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
 
     # Each (model, language) is kept in parts/<model>/<lang>.npz under a hash of everything that
     # determines it: a killed or repeated run computes only what is missing.
     task_hash = content_hash(Path(task.path).read_text("utf-8"))
+    weights = {}
+    if preloaded is not None and output is not None:   # a name says nothing about weights changed in memory
+        from polyalign.models import weights_fingerprint
+        weights = {"loaded_weights": weights_fingerprint(preloaded.model), "torch_dtype": str(preloaded.dtype)}
     results: dict[str, dict[str, dict]] = {s.label: {} for s in specs}     # label -> lang -> arrays
     set_info: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
-    todo: dict[ModelSpec, list] = {}
+    todo: dict[AnalysedModel, list] = {}
     for spec in specs:
         for lang in langs:
-            key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
-                            v=PART_VERSION, gold=[it["label"] for it in items[lang]])
-            path = output / "parts" / spec.label / f"{lang}.npz"
-            got = None if cfg.recompute else load_part(path, key)
+            key = path = got = None
+            if output is not None:
+                key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
+                                v=PART_VERSION, gold=[it["label"] for it in items[lang]], **weights)
+                path = output / "parts" / spec.label / f"{lang}.npz"
+                got = None if cfg.recompute else load_part(path, key)
             if got is not None:
                 results[spec.label][lang], set_info[spec.label][lang] = got
             else:
@@ -435,21 +346,27 @@ def run_lens(cfg: LensConfig) -> dict:
         info = {"label": spec.label, "model": spec.model, "adapter": spec.adapter,
                 "cached_langs": sorted(results[spec.label])}
         if spec in todo:
-            lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+            lm = preloaded or load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+            was_training = lm.model.training
+            lm.model.eval()
             runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
             limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
             t0 = time.perf_counter()
-            for lang, key, path in todo[spec]:
-                bar.set_postfix_str(f"{spec.label}/{lang}")
-                sets = lens_sets(lm.tokenizer, task, lang)
-                ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-                arrays = run_group(lm.model, runner, ps, sets, bar)
-                tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
-                          "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
-                          "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
-                          "overlap": sets.overlap}
-                save_part(path, key, arrays, tokens)
-                results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
+            try:
+                for lang, key, path in todo[spec]:
+                    bar.set_postfix_str(f"{spec.label}/{lang}")
+                    sets = lens_sets(lm.tokenizer, task, lang)
+                    ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+                    arrays = run_group(lm.model, runner, ps, sets, bar)
+                    tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
+                              "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
+                              "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
+                              "overlap": sets.overlap}
+                    if path is not None:
+                        save_part(path, key, arrays, tokens)
+                    results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
+            finally:
+                lm.model.train(was_training)
             info.update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "seconds": round(time.perf_counter() - t0, 3)})
             del lm, runner
@@ -457,11 +374,12 @@ def run_lens(cfg: LensConfig) -> dict:
         info["layers"] = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
         model_info.append(info)
     bar.close()
-    return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
+    return write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 
-def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
-    output = Path(cfg.output)
+def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> LensResult:
+    """Statistics over the samples, and (with an output folder) the files: CSVs, samples.npz, figures."""
+    output = Path(cfg.output) if cfg.output is not None else None
     csv_rows, excl_rows, stats, readings = [], [], {}, {}
     arrays = {}
     for spec in specs:
@@ -480,17 +398,21 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
                 mean, lo, hi = st[m]
                 for layer in range(len(mean)) if st["n"] else []:
                     csv_rows.append([spec.label, lang, layer, m, mean[layer], lo[layer], hi[layer], st["n"]])
-    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows)
-    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows)
-    write_npz(output / "samples.npz", arrays)
-    print(format_excluded(excl_rows, cfg.keep_overlapping))
+    csv_header = ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"]
+    if output is not None:
+        write_csv(output / "lens.csv", csv_header, csv_rows, CSV_FLOATS)
+        write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows,
+                  CSV_FLOATS)
+        write_npz(output / "samples.npz", arrays)
+    log.info("%s", format_excluded(excl_rows, cfg.keep_overlapping))
 
     figures = []
-    for lang in langs:
-        if any(stats[s.label][lang]["n"] for s in specs):
-            figures.append(str(plot_lang(output / f"lens_{lang}.png", lang, specs, stats)))
-    if len(specs) > 1 and any(stats[s.label][lang]["n"] for s in specs for lang in langs):
-        figures.append(str(plot_overlay(output / "lens_overlay.png", langs, specs, stats)))
+    if output is not None:
+        for lang in langs:
+            if any(stats[s.label][lang]["n"] for s in specs):
+                figures.append(str(plot_lang(output / f"lens_{lang}.png", lang, specs, stats)))
+        if len(specs) > 1 and any(stats[s.label][lang]["n"] for s in specs for lang in langs):
+            figures.append(str(plot_overlay(output / "lens_overlay.png", langs, specs, stats)))
 
     summary = {
         "command": "lens",
@@ -509,10 +431,14 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
                   "(ddof=1) over readable samples; latent_english = at some intermediate layer the English "
                   f"answer's CI lies wholly above the target answer's and its mean is at least {LATENT_MIN}"),
     }
-    write_json(output / "summary.json", summary)
-    print(format_readings(readings))
-    print(f"lens: {output / 'lens.csv'}")
-    return summary
+    if output is not None:
+        write_json(output / "summary.json", summary)
+    log.info("%s", format_readings(readings))
+    if output is not None:
+        log.info("lens: %s", output / "lens.csv")
+    samples = {s.label: {lang: results[s.label][lang] for lang in langs} for s in specs}
+    return LensResult(summary, stats, samples, [dict(zip(csv_header, r)) for r in csv_rows],
+                      [s.label for s in specs], list(langs), output)
 
 
 def format_excluded(rows: list[list], kept: bool) -> str:
@@ -568,6 +494,8 @@ def lang_figure(lang: str, specs, stats):
     """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above (a Figure)."""
     from polyalign.reporting import plots
     shown = [s for s in specs if stats[s.label][lang]["n"]]
+    if not shown:
+        raise PolyalignError(f"no readable lens samples for {lang!r} to draw")
     with plots.style():
         fig = plots.figure(figsize=(4.6 * len(shown), 4.2))
         gs = fig.add_gridspec(2, len(shown), height_ratios=[1, 7], hspace=0.08)
@@ -604,6 +532,8 @@ def overlay_figure(langs: list[str], specs, stats):
     """Target and English answer curves of every model, one panel per language (a Figure)."""
     from polyalign.reporting import plots
     shown = [lang for lang in langs if any(stats[s.label][lang]["n"] for s in specs)]
+    if not shown:
+        raise PolyalignError("no readable lens samples to draw")
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
     with plots.style():

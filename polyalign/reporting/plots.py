@@ -7,11 +7,12 @@ canvas for the format (Agg), whatever backend the process uses.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
+
+from polyalign.store import atomic_path
 
 # Curves of the logit lens: colour = which language, dash = the gold answer or all answers.
 MEASURE_STYLE = {
@@ -59,13 +60,6 @@ def save(fig: Figure, path: Path, tight: bool = True) -> Path:
     """Write the figure beside `path`, then rename over it (never a half-written PNG). `tight` crops it to
     its artists (bbox_inches="tight")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        with style():
-            fig.savefig(tmp, **({"bbox_inches": "tight"} if tight else {}))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, style():
+        fig.savefig(tmp, **({"bbox_inches": "tight"} if tight else {}))
     return path

@@ -7,11 +7,9 @@ logs, the lens and geometry outputs), so it can be rebuilt at any time, also for
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
-import io
 import json
 import logging
 import re
@@ -20,9 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from polyalign import languages
+from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
-from polyalign.store import read_jsonl, write_atomic
+from polyalign.store import read_jsonl, safe_name, write_atomic, write_csv
 from polyalign.training.train import TrainSummary
 
 log = logging.getLogger(__name__)
@@ -195,19 +194,13 @@ def render_tex(t: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, t: Table) -> None:
-    buf = io.StringIO()
+def write_table_csv(path: Path, t: Table) -> None:
+    """The table's numbers (`csv_rows`, or each cell's raw value, else its text) as CSV."""
     if t.csv_rows is not None:
         keys = list(dict.fromkeys(k for r in t.csv_rows for k in r))
-        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-        w.writeheader()
-        w.writerows(t.csv_rows)
+        write_csv(path, keys, [[r.get(k, "") for k in keys] for r in t.csv_rows])
     else:
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(t.header)
-        for row in t.rows:
-            w.writerow([c.raw if c.raw is not None else c.text for c in row])
-    write_atomic(path, buf.getvalue())
+        write_csv(path, t.header, [[c.raw if c.raw is not None else c.text for c in row] for row in t.rows])
 
 
 # ----------------------------------------------------------------------------- reading the run
@@ -279,7 +272,7 @@ def _group_langs(group: str, langs: list[str], seen: list[str] | None) -> list[s
 
 
 def _slug(*parts: str) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-") for p in parts if p)
+    return "_".join(safe_name(p, "-", strip=True) for p in parts if p)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -338,7 +331,7 @@ def broken_steps(run: Path, steps: list[dict]) -> dict[str, tuple[Path, str]]:
     """label -> (folder, problem) of the finished steps whose outputs are missing or do not parse: a
     step is done only while they are there (a deleted results.json would otherwise drop its setting
     from every table without a word)."""
-    from polyalign.experiment.run import outputs_problem
+    from polyalign.experiment.plan import outputs_problem
     out = {}
     for s in steps:
         if s.get("status") == "done" or (run / s["dir"] / "done.json").exists():
@@ -397,14 +390,12 @@ def read_run(run_dir: str | Path, bootstrap: int | None = None, seed: int | None
                    out_dir=run / "report", fig_dir=run / "report" / "figures")
 
 
-def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None,
-                 warn_broken: bool = True) -> Path:
+def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None) -> Path:
     """Write report.md, report.html and report/ (tables, figures) for the run folder; returns report.html.
-    Broken steps are left out, listed in the report and, with `warn_broken`, logged as warnings (the CLI
-    turns them into its one-line error instead)."""
+    Broken steps are left out and listed in the report (and in run_report's result)."""
     view = read_run(run_dir, bootstrap, seed)
-    for label, problem in view.broken.items() if warn_broken else ():
-        log.warning("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
+    for label, problem in view.broken.items():   # info: `polyalign report` then fails with this as its one error line
+        log.info("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
     view.out_dir.mkdir(parents=True, exist_ok=True)
     title = (view.manifest.get("report") or {}).get("title") or \
         f"polyalign report: {view.manifest.get('name', view.run.name)}"
@@ -472,6 +463,11 @@ def _evaluation_sections(doc: Doc, exported: list[Table], view: RunView) -> None
     else:
         doc.p("No finished evaluation yet.")
     doc.blocks += results_blocks.blocks
+    # ---- alignment or calibration? (issue 12; its sentences join the summary above)
+    from polyalign.reporting.alignment import alignment_sections, geometry_summaries
+    lang_order = {code: i for i, code in enumerate(languages.ALL)}
+    alignment_sections(doc, summary_lines, exported, evals, geometry_summaries(view.run, view.done), view.settings,
+                       view.setting_order, lang_order, view.n_boot, view.seed, view.fig_dir, multi=len(models) > 1)
 
 
 def _training_section(doc: Doc, exported: list[Table], view: RunView) -> None:
@@ -594,7 +590,7 @@ def _method_notes(doc: Doc, view: RunView) -> None:
 def _write_report(doc: Doc, exported: list[Table], view: RunView, title: str) -> Path:
     for t in exported:
         if t.name:
-            write_csv(view.out_dir / f"{t.name}.csv", t)
+            write_table_csv(view.out_dir / f"{t.name}.csv", t)
             write_atomic(view.out_dir / f"{t.name}.tex", render_tex(t))
     write_atomic(view.run / "report.md", render_md(doc, view.run))
     out = view.run / "report.html"
@@ -992,21 +988,33 @@ def _alignment_table(rows: list[dict], step: dict, folder: Path) -> Table | None
                  csv_rows=[dict(r) for r in rows])
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run folder written by `polyalign run`")
-    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: the experiment's)")
-    p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the experiment's)")
+# ----------------------------------------------------------------------------- the command
+@dataclass
+class ReportConfig:
+    """The options of `polyalign report`."""
+    run_dir: str = option("", positional=True, required=True, help="a run folder written by `polyalign run`")
+    bootstrap: int | None = option(None, help="bootstrap resamples (default: the experiment's)")
+    seed: int | None = option(None, help="bootstrap seed (default: the experiment's)")
 
 
-def main(args: argparse.Namespace) -> None:
-    out = build_report(args.run_dir, args.bootstrap, args.seed, warn_broken=False)   # broken: the error below
-    print(f"report: {Path(args.run_dir) / 'report.md'}")
-    print(str(out))
-    run = Path(args.run_dir)
+@dataclass
+class ReportResult:
+    markdown: Path
+    html: Path
+    broken: dict[str, tuple[Path, str]]     # step label -> (folder, what is wrong); the report leaves them out
+
+    def problem(self) -> str | None:
+        """One line about the broken steps, or None: the report is written, but a damaged run is no success."""
+        if not self.broken:
+            return None
+        label, (folder, problem) = next(iter(self.broken.items()))
+        more = f"; {len(self.broken) - 1} more broken step(s)" if len(self.broken) > 1 else ""
+        return (f"{label}: {problem} in {folder} (the report leaves it out); rerun `polyalign run` "
+                f"to rebuild it, or delete its done.json" + more)
+
+
+def run_report(cfg: ReportConfig) -> ReportResult:
+    html = build_report(cfg.run_dir, cfg.bootstrap, cfg.seed)
+    run = Path(cfg.run_dir)
     broken = broken_steps(run, json.loads((run / "manifest.json").read_text("utf-8")).get("steps", []))
-    if broken:     # the report is written (it lists them), but a damaged run is not a success
-        label, (folder, problem) = next(iter(broken.items()))
-        raise PolyalignError(f"{label}: {problem} in {folder} (the report leaves it out); rerun `polyalign run` "
-                             f"to rebuild it, or delete its done.json" + (f"; {len(broken) - 1} more broken step(s)"
-                                                                          if len(broken) > 1 else ""))
+    return ReportResult(run / "report.md", html, broken)

@@ -22,77 +22,57 @@ dataset_info.json + alpaca_train.json + alpaca_val.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
+import logging
 import random
-import re
-import shutil
-import sys
 import time
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.config import option
 from polyalign.data import read_records
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_json, write_jsonl
+from polyalign.store import RunRecord, atomic_folder, claim_output, content_hash, safe_name, write_json, write_jsonl
 from polyalign.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
 
 INSTRUCTION = "\nTranslate the input from {source} to {target}:\n"
 
 
 @dataclass
 class PrepareConfig:
-    task: str = "snli"
-    sources: str = "zh,de"              # comma list of source language codes
-    target: str = "en"
-    output: str = "data/prepared"
-    per_language: int | None = 10000    # parallel questions taken per source language (file order)
-    data: str | None = None             # see the module docstring; None = the bundled pool
-    translator: str | None = None       # hf-mt:MODEL or llm:MODEL
-    fields: str | None = None           # English source columns, e.g. "review=content"
-    translation_cache: str | None = None
-    val_size: float = 0.05              # a fraction (< 1) or a number of pairs (>= 1)
-    seed: int = 42
-    batch_size: int = 16                # translator batch size
-    num_beams: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
-    progress: bool = True
+    """The options of `polyalign prepare` (the CLI, experiment files and Python read them from here)."""
+    task: str = option("snli", help="task name (amazon_polarity, snli, paws) or a task YAML path")
+    sources: str = option("zh,de", required=True, help="source languages, a comma list such as zh,de")
+    target: str = option("en", help="target language")
+    output: str = option("data/prepared", required=True, help="output folder (must be new, or hold the same run)")
+    per_language: int | None = option(10000, help="parallel questions per source language (file order)")
+    data: str | None = option(None, help="paper-release folder, parallel files with {lang} (qs/{lang}.jsonl), a "
+                                         "folder with <task>/<lang>.jsonl, or with --translator the English "
+                                         "questions (file or hf:NAME[@SPLIT]); default: the bundled question pool")
+    translator: str | None = option(None, help="hf-mt:MODEL (NLLB, M2M100, mBART-50, Marian) or llm:MODEL")
+    fields: str | None = option(None, help="map task fields to English source columns: review=content")
+    translation_cache: str | None = option(None, help="translation cache JSONL (default: <polyalign cache>/"
+                                                      "translations.jsonl)")
+    val_size: float = option(0.05, help="validation share (<1) or number of pairs (>=1)")
+    seed: int = option(42, help="seed of the split and the mix")
+    batch_size: int = option(16, help="translator batch size")
+    num_beams: int = option(1, help="beam size of the hf-mt translator")
+    device: str = C.device_option("translator device")
+    dtype: str = C.dtype_option("translator dtype")
+    progress: bool = C.progress_option()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="snli", help="task name (amazon_polarity, snli, paws) or a task YAML path")
-    p.add_argument("--sources", required=True, help="source languages, a comma list such as zh,de")
-    p.add_argument("--target", default="en", help="target language (default en)")
-    p.add_argument("--output", required=True, help="output folder (must be new, or hold the same run)")
-    p.add_argument("--per-language", type=int, default=10000, help="parallel questions per source language")
-    p.add_argument("--data", default=None,
-                   help="paper-release folder, parallel files with {lang} (qs/{lang}.jsonl), a folder with "
-                        "<task>/<lang>.jsonl, or with --translator the English questions (file or hf:NAME[@SPLIT]); "
-                        "default: the bundled question pool")
-    p.add_argument("--translator", default=None, help="hf-mt:MODEL (NLLB, M2M100, mBART-50, Marian) or llm:MODEL")
-    p.add_argument("--fields", default=None, help="map task fields to English source columns: review=content")
-    p.add_argument("--translation-cache", default=None,
-                   help="translation cache JSONL (default: <polyalign cache>/translations.jsonl)")
-    p.add_argument("--val-size", type=float, default=0.05, help="validation share (<1) or number of pairs (>=1)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=16, help="translator batch size")
-    p.add_argument("--num-beams", type=int, default=1, help="beam size of the hf-mt translator")
-    p.add_argument("--device", default="auto", help="translator device")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="translator dtype")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def main(args: argparse.Namespace) -> None:
-    cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if k in PrepareConfig.__dataclass_fields__})
-    m = prepare(cfg)
-    c = m["counts"]
+def summary_line(cfg: PrepareConfig, manifest: dict) -> str:
+    """What `polyalign prepare` prints when it is done."""
+    c = manifest["counts"]
     per = ", ".join(f"{s}: {v['pairs']}" for s, v in c["per_source"].items())
-    print(f"prepared {c['train']} train + {c['val']} val pairs ({per}; "
-          f"{sum(m['dropped_duplicates'].values())} duplicates dropped) in {cfg.output}")
+    return (f"prepared {c['train']} train + {c['val']} val pairs ({per}; "
+            f"{sum(manifest['dropped_duplicates'].values())} duplicates dropped) in {cfg.output}")
 
 
 # ----------------------------------------------------------------------------- sources of questions
@@ -324,31 +304,13 @@ def _record(p: dict) -> dict:
 
 
 def _dataset_name(output: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", output.resolve().name) or "polyalign"
+    return safe_name(output.resolve().name, fallback="polyalign")
 
 
-def _check_output(out: Path, settings: dict) -> dict | None:
-    """The existing manifest when `out` holds this very run; an error when it holds something else."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise PolyalignError(f"--output {out} is a file, not a folder")
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text("utf-8"))
-        except json.JSONDecodeError:
-            raise PolyalignError(f"{manifest} is damaged; choose another --output") from None
-        old_settings = old.get("settings", {})
-        for key in sorted(set(old_settings) | set(settings)):
-            if old_settings.get(key) != settings.get(key):
-                raise PolyalignError(f"{out} already holds a different prepared set ({key}: "
-                                     f"{old_settings.get(key)!r} there, {settings.get(key)!r} now); "
-                                     f"choose another --output")
-        return old
-    if any(out.iterdir()):
-        raise PolyalignError(f"--output {out} is not empty and holds no prepared set; choose another folder")
-    return None
+# A prepared folder holds its settings in manifest.json; any other non-empty folder is refused.
+PREPARED_SET = RunRecord("manifest.json", clash="already holds a different prepared set",
+                         damaged="choose another --output", foreign="prepared set; choose another folder",
+                         settings_of=lambda manifest: manifest.get("settings", {}), all_keys=True)
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -371,7 +333,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     settings = {"task": task.name, "task_file": content_hash(Path(task.path).read_text("utf-8")),
                 "sources": sources, "target": cfg.target, "per_language": cfg.per_language, "data": cfg.data,
                 "translator": cfg.translator, "fields": cfg.fields, "val_size": cfg.val_size, "seed": cfg.seed}
-    existing = _check_output(out, settings)
+    existing = claim_output(out, PREPARED_SET, settings)
 
     issues: list[str] = []
     if cfg.translator:
@@ -390,7 +352,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             if c < cfg.per_language:
                 issues.append(f"{src}: only {c} questions available (asked for {cfg.per_language})")
     for line in issues:
-        print(f"prepare: {line}", file=sys.stderr)
+        log.warning("prepare: %s", line)
 
     # Drop duplicate pairs (the first occurrence stays), then split and mix with the seed.
     seen, kept, dropped = set(), [], {s: 0 for s in sources}
@@ -409,7 +371,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         if existing.get("data_hash") != data_hash:
             raise PolyalignError(f"{out} holds a set built from other source data (the files changed since); "
                                  f"choose another --output")
-        print(f"prepare: {out} already holds this set; nothing to do", file=sys.stderr)
+        log.warning("prepare: %s already holds this set; nothing to do", out)
         return existing
 
     per_source = {}
@@ -434,12 +396,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                                 "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
             for split in ("train", "val")}
 
-    # Build everything in a temporary sibling folder, then rename it into place.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    # Build everything in a temporary sibling folder, then rename it into place (claim_output allowed
+    # only an empty folder there).
+    with atomic_folder(out) as tmp:
         write_jsonl(tmp / "train.jsonl", [_record(p) for p in train])
         write_jsonl(tmp / "val.jsonl", [_record(p) for p in val])
         for split, recs in (("train", train), ("val", val)):
@@ -447,12 +406,6 @@ def prepare(cfg: PrepareConfig) -> dict:
                        [{"instruction": p["input"], "input": "", "output": p["output"]} for p in recs])
         write_json(tmp / "dataset_info.json", info)
         write_json(tmp / "manifest.json", manifest)
-        if out.exists():
-            out.rmdir()   # _check_output allowed only an empty folder here
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
