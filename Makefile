@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.polyalign-installed
 UV := $(BIN)/uv
 
-.PHONY: demo test test-avx2 install lock browser clean-venv
+.PHONY: demo test test-fast test-avx2 install lock browser clean-venv
 
 $(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ KERNEL_TESTS := tests/test_hardware.py tests/test_scoring.py tests/test_runner.p
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-avx2
+
+# The inner loop (under a minute): no multi-process runs, no slow tests, no real Gemma (markers in pyproject).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gemma" --durations=20
 
 test-avx2: $(STAMP)
 	@if [ "$$(uname -m)" = x86_64 ]; then \

@@ -89,14 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 class ConsoleHandler(logging.Handler):
     """What the library logs, shown as the commands always showed it: INFO (tables, per-language
-    lines, where the results went) on stdout, warnings (data issues) on stderr, the bare message.
+    lines, where the results went) on stdout, warnings (data issues) and status lines logged with
+    extra={"stderr": True} (train's) on stderr, the bare message.
     Written through tqdm so that a progress bar on screen is not torn; streams are looked up at
     each record, so that a redirected sys.stdout (pytest's capsys) is honoured."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm.auto import tqdm
-            tqdm.write(self.format(record), file=sys.stdout if record.levelno < logging.WARNING else sys.stderr)
+            err = record.levelno >= logging.WARNING or getattr(record, "stderr", False)
+            tqdm.write(self.format(record), file=sys.stderr if err else sys.stdout)
         except Exception:  # noqa: BLE001 - logging must never break the command
             self.handleError(record)
 

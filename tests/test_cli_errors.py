@@ -322,6 +322,7 @@ def test_output_is_a_file(tmp_path, tiny_llama_path, capsys):
     assert "is a file" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_real_process_prints_no_traceback(tmp_path, tiny_llama_path):
     """The installed entry point, as a user runs it: a malformed line is one line on stderr, exit 2."""
     argv, fragments = case_malformed_json_line(tmp_path, tiny_llama_path)

@@ -13,6 +13,8 @@ from toydata import toy
 
 from polyalign import cli
 
+pytestmark = pytest.mark.slow      # multi-process: not in `make test-fast`
+
 
 def _samples(out: Path) -> dict[str, list[dict]]:
     return {str(p.relative_to(out)): [json.loads(x) for x in p.read_text("utf-8").splitlines()]

@@ -289,6 +289,7 @@ def _run(exp, run_dir, fake, monkeypatch, **kw):
     return X.run_experiment(exp, str(run_dir), check_models=False, **kw)
 
 
+@pytest.mark.slow
 def test_run_skips_finished_steps_and_recomputes_only_what_changed(run_dir, monkeypatch, capsys):
     exp = validate(base_raw())
     fake = FakeCommands()
@@ -318,6 +319,7 @@ def test_run_skips_finished_steps_and_recomputes_only_what_changed(run_dir, monk
     assert fake3.calls[0][1].sources == "sw"
 
 
+@pytest.mark.slow
 def test_failed_step_leaves_a_resumable_run(run_dir, monkeypatch):
     exp = validate(base_raw())
     fake = FakeCommands(fail_on="train", exc=PolyalignError("no space for the optimizer"))
@@ -333,6 +335,7 @@ def test_failed_step_leaves_a_resumable_run(run_dir, monkeypatch):
     assert "prepare" in [c[0] for c in fake2.calls]                      # only sw-en's own prepare
 
 
+@pytest.mark.slow
 def test_a_step_whose_outputs_went_missing_is_run_again(run_dir, monkeypatch, capsys):
     """Before: done.json alone made a step done, so a deleted results.json (or adapter) was never rebuilt."""
     exp = validate(base_raw())
@@ -358,6 +361,7 @@ def test_a_step_whose_outputs_went_missing_is_run_again(run_dir, monkeypatch, ca
     assert fake.calls == []
 
 
+@pytest.mark.slow
 def test_a_step_that_ends_without_its_outputs_is_not_marked_done(run_dir, monkeypatch):
     class NoSummary(FakeCommands):
         def __call__(self, cmd, cfg):
@@ -372,6 +376,7 @@ def test_a_step_that_ends_without_its_outputs_is_not_marked_done(run_dir, monkey
     assert [s["status"] for s in manifest["steps"] if s["kind"] == "geometry"] == ["failed"]
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     from polyalign import cli
 

@@ -3,6 +3,7 @@ import logging
 import threading
 import time
 
+import pytest
 from filelock import FileLock
 
 from polyalign import models
@@ -41,6 +42,7 @@ def test_a_failed_conversion_leaves_no_temporary_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma-3-270m", "gemma-3-270m.lock"]
 
 
+@pytest.mark.slow
 def test_waiting_for_another_conversion_is_said(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("POLYALIGN_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)

@@ -18,21 +18,20 @@ from polyalign import languages
 from polyalign.errors import PolyalignError
 from polyalign.reporting.report import build_report
 from polyalign.stats import paired_bootstrap_delta
+from polyalign.training.train import TrainSummary
 
 LANGS = list(languages.ALL)
 N = 40
 
 
 def _png(path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(3, 2))
+    fig = Figure(figsize=(3, 2))
+    ax = fig.subplots()
     ax.plot([0, 1, 2], [1, 0.5, 0.2])
     ax.set_title(title)
     fig.savefig(path, dpi=50)
-    plt.close(fig)
 
 
 def _eval(folder: Path, task: str, outcomes: dict[str, list[bool]], adapter: str | None = None) -> None:
@@ -76,7 +75,7 @@ def make_run(root: Path, with_analyses: bool = True) -> tuple[Path, dict]:
         (t / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
             {"step": 1, "epoch": 0.5, "loss": 2.5, "lr": 1e-4}, {"step": 2, "epoch": 1.0, "loss": 1.5, "lr": 5e-5},
             {"step": 2, "epoch": 1.0, "eval_loss": 1.7}]), "utf-8")
-        (t / "summary.json").write_text(json.dumps({"train_examples": 64, "seconds": 12.5}), "utf-8")
+        TrainSummary(examples=64, seconds=12.5).write(t)      # through train's own record
         _png(t / "loss.png", f"loss {name}")
         _eval(step("eval", f"eval {name}", name), "amazon_polarity", oc, adapter="a")
     if with_analyses:
@@ -324,82 +323,34 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert colourful.mean() > 0.001
 
 
-# ----------------------------------------------------------------------------- the statistics, against scipy
-@pytest.mark.parametrize("b, c", [(0, 0), (0, 5), (3, 9), (10, 10), (40, 61), (700, 760)])
-def test_mcnemar_matches_scipy(b, c):
-    from scipy.stats import binom, binomtest
+def test_training_table_reads_what_train_writes(tmp_path, tiny_llama_path):
+    """The training step's folder is written by a real `train` run, not by hand: before, the report read
+    `train_examples` while train wrote `examples`, and no real report showed its number of training pairs."""
+    from conftest import write_jsonl
 
-    from polyalign.stats import mcnemar, mcnemar_from_counts
+    from polyalign.training import train as T
 
-    n, k = b + c, min(b, c)
-    exact = binomtest(k, n, 0.5).pvalue if n else 1.0
-    assert mcnemar_from_counts(b, c) == pytest.approx(exact, rel=1e-9)
-    mid = min(1.0, 2 * binom.cdf(k, n, 0.5) - binom.pmf(k, n, 0.5)) if n else 1.0
-    assert mcnemar_from_counts(b, c, mid_p=True) == pytest.approx(mid, rel=1e-9, abs=1e-300)
-    base = [True] * b + [False] * c + [True] * 5 + [False] * 7
-    other = [False] * b + [True] * c + [True] * 5 + [False] * 7
-    assert mcnemar(base, other) == mcnemar_from_counts(b, c)
-
-
-def test_paired_bootstrap_matches_scipy():
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    rng = np.random.default_rng(3)
-    a = rng.random(400) < 0.55
-    b = np.where(rng.random(400) < 0.2, ~a, a)
-    d, lo, hi = paired_bootstrap_delta(a, b, n_boot=20000, seed=1)
-    assert d == pytest.approx(b.mean() - a.mean())
-    ref = bootstrap((a.astype(float), b.astype(float)), lambda x, y, axis: y.mean(axis) - x.mean(axis),
-                    paired=True, vectorized=True, method="percentile", n_resamples=20000, random_state=2)
-    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.01)
-    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.01)
-
-
-def test_stratified_bootstrap_weights_languages_equally():
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    small_a, small_b = [False] * 10, [True] * 10                     # +100 points on 10 items
-    big_a = list(rng.random(1000) < 0.5)
-    big_b = list(big_a)                                               # no change on 1000 items
-    d, lo, hi = paired_bootstrap_delta([small_a, big_a], [small_b, big_b], n_boot=2000)
-    assert d == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
-    with pytest.raises(ValueError):
-        paired_bootstrap_delta([True, False], [True])
-
-
-def test_holm_matches_a_direct_computation():
-    from polyalign.stats import holm
-
-    p = [0.01, 0.04, 0.03, 0.5, 0.001]
-    order = sorted(range(len(p)), key=p.__getitem__)
-    expected, running = [0.0] * len(p), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p) - rank) * p[i]))
-        expected[i] = running
-    assert holm(p) == pytest.approx(expected)
-    assert holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.5, 0.005])
-
-
-def test_clustered_bootstrap_keeps_translations_together():
-    import numpy as np
-
-    rng = np.random.default_rng(5)
-    a = rng.random(200) < 0.5
-    b = np.where(rng.random(200) < 0.3, ~a, a)
-    groups_a, groups_b = [a] * 10, [b] * 10          # ten "languages" that behave identically
-    d, lo, hi = paired_bootstrap_delta(groups_a, groups_b, n_boot=4000, seed=3, clustered=True)
-    # A direct computation: resample item indices once for all languages.
-    per_item = (b.astype(float) - a.astype(float))
-    idx = np.random.default_rng(3).integers(0, 200, size=(4000, 200))
-    ref = np.quantile(per_item[idx].mean(axis=1), [0.025, 0.975])
-    assert d == pytest.approx(per_item.mean()) and (lo, hi) == pytest.approx(tuple(ref))
-    # Treating the ten copies as independent strata would claim a CI about sqrt(10) times narrower.
-    _, slo, shi = paired_bootstrap_delta(groups_a, groups_b, n_boot=4000, seed=3)
-    assert (hi - lo) > 2.5 * (shi - slo)
-    with pytest.raises(ValueError):
-        paired_bootstrap_delta([a, a[:10]], [b, b[:10]], clustered=True)
+    root, _ = make_run(tmp_path / "run", with_analyses=False)
+    step = next(s for s in json.loads((root / "manifest.json").read_text())["steps"] if s["kind"] == "train")
+    folder = root / step["dir"]
+    shutil.rmtree(folder)                      # the fake outputs; train writes the real ones here
+    pairs = [{"input": f"Frage {i}: rot blau?", "output": f"Question {i}: red blue?"} for i in range(10)]
+    write_jsonl(tmp_path / "pairs" / "train.jsonl", pairs)
+    write_jsonl(tmp_path / "pairs" / "val.jsonl", pairs[:2])
+    summary = T.train(T.TrainConfig(model=tiny_llama_path, data=str(tmp_path / "pairs"), output=str(folder),
+                                    progress=False, overrides=["threads=1", "dtype=fp32", "max_steps=2",
+                                                               "batch_size=4", "micro_batch_size=4"]))
+    (folder / "done.json").write_text(json.dumps({"key": "k"}), "utf-8")
+    build_report(root, bootstrap=50)
+    with (root / "report" / "training.csv").open(encoding="utf-8", newline="") as f:
+        rows = {r["step"]: r for r in csv.DictReader(f)}
+    real = rows[step["label"]]
+    assert summary["examples"] == 10 and real["train pairs"] == "10"
+    assert real["steps"] == "2" and real["seconds"] == f"{summary['seconds']:.0f}"
+    assert real["final eval loss"] == f"{summary['final_eval_loss']:.3f}"
+    md = (root / "report.md").read_text("utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| step | model | setting |"))
+    assert "train pairs" in header
 
 
 @pytest.mark.parametrize("content", ['{"rows": [{"task": "amazon', "", "[]"], ids=["truncated", "empty", "list"])

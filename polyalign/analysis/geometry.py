@@ -231,6 +231,21 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return sorted(set(max(0, c) for c in chosen))
 
 
+@dataclass(frozen=True)
+class AlignmentRow:
+    """The alignment of one language with the pivot at one layer (a row of alignment.csv, less the model)."""
+    layer: int
+    lang: str
+    cos_parallel: float         # mean cosine of an item and its translation
+    cos_nonparallel: float      # mean cosine of an item and the other items' translations
+    retrieval_acc: float        # share of items whose nearest pivot item is their translation
+
+    METRICS = ("cos_parallel", "cos_nonparallel", "retrieval_acc")
+
+    def values(self) -> list:
+        return [self.layer, self.lang, *(getattr(self, m) for m in self.METRICS)]
+
+
 def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
     """All layers of one model: PCA scores, explained ratios, Pearson pairs and alignment rows."""
     n_layers = next(iter(states.values())).shape[1] - 1
@@ -245,7 +260,7 @@ def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
             c = center(by_lang, how)
             for lang in states:
                 if lang != pivot:
-                    align.append((layer, lang, *alignment_metrics(c[lang], c[pivot])))
+                    align.append(AlignmentRow(layer, lang, *alignment_metrics(c[lang], c[pivot])))
     return scores, ratios, pearson, align
 
 
@@ -402,7 +417,7 @@ def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, i
     pearson_header = ["model", "layer", "lang_a", "lang_b", "r"]
     pearson_rows = [[s.label, *row] for s in specs for row in results[s.label][2]]
     align_header = ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"]
-    align_rows = [[s.label, *row] for s in specs for row in results[s.label][3]]
+    align_rows = [[s.label, *row.values()] for s in specs for row in results[s.label][3]]
     if output is not None:
         write_csv(output / "pearson.csv", pearson_header, pearson_rows, CSV_FLOATS)
     if pivot is not None and output is not None:
@@ -459,11 +474,9 @@ def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, i
             e = {"pca_explained_variance": [float(x) for x in ratios[layer]],
                  "pearson": {f"{a}-{b}": r for lyr, a, b, r in pearson if lyr == layer}}
             if pivot is not None:
-                rows = [r for r in align if r[0] == layer]
-                e["alignment"] = {r[1]: {"cos_parallel": r[2], "cos_nonparallel": r[3], "retrieval_acc": r[4]}
-                                  for r in rows}
-                e["alignment_mean"] = {m: float(np.mean([r[2 + i] for r in rows]))
-                                       for i, m in enumerate(["cos_parallel", "cos_nonparallel", "retrieval_acc"])}
+                rows = [r for r in align if r.layer == layer]
+                e["alignment"] = {r.lang: {m: getattr(r, m) for m in AlignmentRow.METRICS} for r in rows}
+                e["alignment_mean"] = {m: float(np.mean([getattr(r, m) for r in rows])) for m in AlignmentRow.METRICS}
             entry[s.label] = e
         for s in specs[1:]:
             d = {"pearson": {k: v - entry[ref]["pearson"][k] for k, v in entry[s.label]["pearson"].items()}}
@@ -518,32 +531,44 @@ def format_summary(summary: dict, specs, pivot) -> str:
 # ============================================================================= plots
 def plot_pca(path: Path, layer: int, langs, specs, results) -> Path:
     from polyalign.reporting import plots
-    plt = plots.plt
+    return plots.save(pca_figure(layer, langs, specs, results), path)
+
+
+def pca_figure(layer: int, langs, specs, results):
+    """The 2-D PCA scores of a layer, per model, coloured by language and by item index (a Figure)."""
+    from polyalign.reporting import plots
     colors = plots.lang_colors(langs)
-    fig, axes = plt.subplots(len(specs), 2, figsize=(10, 4.2 * len(specs)), squeeze=False)
-    for row, s in enumerate(specs):
-        scores = results[s.label][0][layer]
-        ratio = results[s.label][1][layer]
-        ax_l, ax_i = axes[row]
-        for lang in langs:
-            z = scores[lang]
-            y = z[:, 1] if z.shape[1] > 1 else np.zeros(len(z))
-            ax_l.scatter(z[:, 0], y, s=8, alpha=0.6, color=colors[lang], label=lang, lw=0)
-            sc = ax_i.scatter(z[:, 0], y, s=8, alpha=0.7, c=np.arange(len(z)), cmap="viridis", lw=0)
-        ax_l.legend(markerscale=2, fontsize=7, ncol=2)
-        pct = [f"{100 * r:.0f}%" for r in ratio] + ["", ""]
-        for ax, what in ((ax_l, "language"), (ax_i, "item index")):
-            ax.set_title(f"{s.label} · layer {layer} · by {what}")
-            ax.set_xlabel(f"PC1 ({pct[0]})")
-            ax.set_ylabel(f"PC2 ({pct[1]})")
-        fig.colorbar(sc, ax=ax_i, label="item index")
-    fig.tight_layout()
-    return plots.save(fig, path)
+    with plots.style():
+        fig = plots.figure(figsize=(10, 4.2 * len(specs)))
+        axes = fig.subplots(len(specs), 2, squeeze=False)
+        for row, s in enumerate(specs):
+            scores = results[s.label][0][layer]
+            ratio = results[s.label][1][layer]
+            ax_l, ax_i = axes[row]
+            for lang in langs:
+                z = scores[lang]
+                y = z[:, 1] if z.shape[1] > 1 else np.zeros(len(z))
+                ax_l.scatter(z[:, 0], y, s=8, alpha=0.6, color=colors[lang], label=lang, lw=0)
+                sc = ax_i.scatter(z[:, 0], y, s=8, alpha=0.7, c=np.arange(len(z)), cmap="viridis", lw=0)
+            ax_l.legend(markerscale=2, fontsize=7, ncol=2)
+            pct = [f"{100 * r:.0f}%" for r in ratio] + ["", ""]
+            for ax, what in ((ax_l, "language"), (ax_i, "item index")):
+                ax.set_title(f"{s.label} · layer {layer} · by {what}")
+                ax.set_xlabel(f"PC1 ({pct[0]})")
+                ax.set_ylabel(f"PC2 ({pct[1]})")
+            fig.colorbar(sc, ax=ax_i, label="item index")
+        fig.tight_layout()
+    return fig
 
 
 def plot_pearson(path: Path, layer: int, langs, specs, results) -> Path:
     from polyalign.reporting import plots
-    plt = plots.plt
+    return plots.save(pearson_figure(layer, langs, specs, results), path)
+
+
+def pearson_figure(layer: int, langs, specs, results):
+    """Pearson r between languages at a layer, per model, and each model's difference from the first (a Figure)."""
+    from polyalign.reporting import plots
     k = len(langs)
 
     def matrix(label):
@@ -556,55 +581,67 @@ def plot_pearson(path: Path, layer: int, langs, specs, results) -> Path:
 
     mats = [(s.label, matrix(s.label), False) for s in specs]
     mats += [(f"{s.label} − {specs[0].label}", mats[i + 1][1] - mats[0][1], True) for i, s in enumerate(specs[1:])]
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.9 * len(mats) + 0.6, 3.7), squeeze=False)
-    for ax, (title, m, diff) in zip(axes[0], mats):
-        lim = max(float(np.nanmax(np.abs(m))), 1e-6) if diff else 1.0
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_xticks(range(k), langs, fontsize=8)
-        ax.set_yticks(range(k), langs, fontsize=8)
-        ax.grid(False)
-        if k <= 12:
-            for i in range(k):
-                for j in range(k):
-                    if np.isfinite(m[i, j]):
-                        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                                color="white" if abs(m[i, j]) > 0.6 * lim else "black")
-        ax.set_title(f"{title} · layer {layer}" + (" (Δr)" if diff else " (r)"), fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    return plots.save(fig, path)
+    with plots.style():
+        fig = plots.figure(figsize=(3.9 * len(mats) + 0.6, 3.7))
+        axes = fig.subplots(1, len(mats), squeeze=False)
+        for ax, (title, m, diff) in zip(axes[0], mats):
+            lim = max(float(np.nanmax(np.abs(m))), 1e-6) if diff else 1.0
+            im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            ax.set_xticks(range(k), langs, fontsize=8)
+            ax.set_yticks(range(k), langs, fontsize=8)
+            ax.grid(False)
+            if k <= 12:
+                for i in range(k):
+                    for j in range(k):
+                        if np.isfinite(m[i, j]):
+                            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                    color="white" if abs(m[i, j]) > 0.6 * lim else "black")
+            ax.set_title(f"{title} · layer {layer}" + (" (Δr)" if diff else " (r)"), fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.tight_layout()
+    return fig
 
 
 def plot_alignment(path: Path, langs, specs, results, pivot, how) -> Path:
     from polyalign.reporting import plots
-    plt = plots.plt
+    return plots.save(alignment_figure(langs, specs, results, pivot, how), path)
+
+
+def alignment_figure(langs, specs, results, pivot, how):
+    """Retrieval accuracy, cosine gap and Pearson r with the pivot across layers, per language (a Figure)."""
+    from matplotlib.ticker import MaxNLocator
+
+    from polyalign.reporting import plots
     colors = plots.lang_colors(langs)
     panels = (["retrieval_acc", "cos_gap"] if pivot is not None else []) + ["pearson"]
     titles = {"retrieval_acc": f"retrieval accuracy into {pivot}",
               "cos_gap": f"cos(parallel) − cos(non-parallel), {how}-centred",
               "pearson": f"Pearson r of PC1 scores with {pivot or langs[0]}"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     ref = pivot or langs[0]
-    for i, s in enumerate(specs):
-        ls = plots.model_linestyle(i)
-        _, _, pearson, align = results[s.label]
-        for lang in langs:
-            if lang == ref:
-                continue
-            for ax, panel in zip(axes[0], panels):
-                if panel == "pearson":
-                    pts = [(lyr, r) for lyr, a, b, r in pearson if {a, b} == {ref, lang}]
-                else:
-                    pts = [(r[0], r[4] if panel == "retrieval_acc" else r[2] - r[3]) for r in align if r[1] == lang]
-                x, y = zip(*pts)
-                ax.plot(x, y, ls, color=colors[lang], lw=1.3, label=f"{lang} · {s.label}" if len(specs) > 1 else lang)
-    from matplotlib.ticker import MaxNLocator
-    for ax, panel in zip(axes[0], panels):
-        ax.set_title(titles[panel], fontsize=9)
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if panel == "retrieval_acc":
-            ax.set_ylim(0, 1.02)
-    axes[0, -1].legend(fontsize=7, ncol=2 if len(specs) > 1 else 1)
-    fig.tight_layout()
-    return plots.save(fig, path)
+    with plots.style():
+        fig = plots.figure(figsize=(4.6 * len(panels), 3.6))
+        axes = fig.subplots(1, len(panels), squeeze=False)
+        for i, s in enumerate(specs):
+            ls = plots.model_linestyle(i)
+            _, _, pearson, align = results[s.label]
+            for lang in langs:
+                if lang == ref:
+                    continue
+                for ax, panel in zip(axes[0], panels):
+                    if panel == "pearson":
+                        pts = [(lyr, r) for lyr, a, b, r in pearson if {a, b} == {ref, lang}]
+                    else:
+                        pts = [(r.layer, r.retrieval_acc if panel == "retrieval_acc"
+                                else r.cos_parallel - r.cos_nonparallel) for r in align if r.lang == lang]
+                    x, y = zip(*pts)
+                    ax.plot(x, y, ls, color=colors[lang], lw=1.3,
+                            label=f"{lang} · {s.label}" if len(specs) > 1 else lang)
+        for ax, panel in zip(axes[0], panels):
+            ax.set_title(titles[panel], fontsize=9)
+            ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if panel == "retrieval_acc":
+                ax.set_ylim(0, 1.02)
+        axes[0, -1].legend(fontsize=7, ncol=2 if len(specs) > 1 else 1)
+        fig.tight_layout()
+    return fig

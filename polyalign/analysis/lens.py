@@ -485,67 +485,69 @@ def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_a
 
 
 def plot_lang(path: Path, lang: str, specs, stats) -> Path:
+    """lang_figure, saved to `path`."""
     from polyalign.reporting import plots
     return plots.save(lang_figure(lang, specs, stats), path)
 
 
 def lang_figure(lang: str, specs, stats):
-    """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above."""
-    from matplotlib.figure import Figure
+    """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above (a Figure)."""
+    from polyalign.reporting import plots
     shown = [s for s in specs if stats[s.label][lang]["n"]]
     if not shown:
         raise PolyalignError(f"no readable lens samples for {lang!r} to draw")
-    fig = Figure(figsize=(4.6 * len(shown), 4.2))
-    gs = fig.add_gridspec(2, len(shown), height_ratios=[1, 7], hspace=0.08)
-    vmax = max(float(np.nanmax(stats[s.label][lang]["entropy_bits"][0])) for s in shown)
-    for j, s in enumerate(shown):
-        st = stats[s.label][lang]
-        ax_e = fig.add_subplot(gs[0, j])
-        ax = fig.add_subplot(gs[1, j], sharex=ax_e)
-        ent = st["entropy_bits"][0][None, :]
-        im = ax_e.imshow(ent, aspect="auto", cmap="magma_r", vmin=0, vmax=max(vmax, 1e-6),
-                         extent=(-0.5, ent.shape[1] - 0.5, 0, 1))
-        ax_e.set_yticks([])
-        ax_e.grid(False)
-        ax_e.tick_params(labelbottom=False)
-        ax_e.set_title(f"{s.label} · {lang} · n={st['n']}")
-        _curves(ax, st)
-        ax.set_xlim(-0.5, ent.shape[1] - 0.5)
-        if j == 0:
-            ax.set_ylabel("probability")
-            ax.legend(loc="upper left", fontsize=8)
-        cb = fig.colorbar(im, ax=ax_e, orientation="vertical", fraction=0.04, pad=0.01)
-        cb.set_label("bits", fontsize=7)
-        cb.ax.tick_params(labelsize=6)
+    with plots.style():
+        fig = plots.figure(figsize=(4.6 * len(shown), 4.2))
+        gs = fig.add_gridspec(2, len(shown), height_ratios=[1, 7], hspace=0.08)
+        vmax = max(float(np.nanmax(stats[s.label][lang]["entropy_bits"][0])) for s in shown)
+        for j, s in enumerate(shown):
+            st = stats[s.label][lang]
+            ax_e = fig.add_subplot(gs[0, j])
+            ax = fig.add_subplot(gs[1, j], sharex=ax_e)
+            ent = st["entropy_bits"][0][None, :]
+            im = ax_e.imshow(ent, aspect="auto", cmap="magma_r", vmin=0, vmax=max(vmax, 1e-6),
+                             extent=(-0.5, ent.shape[1] - 0.5, 0, 1))
+            ax_e.set_yticks([])
+            ax_e.grid(False)
+            ax_e.tick_params(labelbottom=False)
+            ax_e.set_title(f"{s.label} · {lang} · n={st['n']}")
+            _curves(ax, st)
+            ax.set_xlim(-0.5, ent.shape[1] - 0.5)
+            if j == 0:
+                ax.set_ylabel("probability")
+                ax.legend(loc="upper left", fontsize=8)
+            cb = fig.colorbar(im, ax=ax_e, orientation="vertical", fraction=0.04, pad=0.01)
+            cb.set_label("bits", fontsize=7)
+            cb.ax.tick_params(labelsize=6)
     return fig
 
 
 def plot_overlay(path: Path, langs: list[str], specs, stats) -> Path:
+    """overlay_figure, saved to `path`."""
     from polyalign.reporting import plots
     return plots.save(overlay_figure(langs, specs, stats), path)
 
 
 def overlay_figure(langs: list[str], specs, stats):
-    """Target and English answer curves of every model, one panel per language."""
-    from matplotlib.figure import Figure
-
+    """Target and English answer curves of every model, one panel per language (a Figure)."""
     from polyalign.reporting import plots
     shown = [lang for lang in langs if any(stats[s.label][lang]["n"] for s in specs)]
     if not shown:
         raise PolyalignError("no readable lens samples to draw")
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig = Figure(figsize=(3.8 * cols, 3.2 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
-    for ax, lang in zip(axes.flat, shown):
-        for i, s in enumerate(specs):
-            st = stats[s.label][lang]
-            if st["n"]:
-                _curves(ax, st, ("target_answer", "english_answer"), plots.model_linestyle(i), f"{s.label}: ")
-        ax.set_title(lang)
-    for ax in list(axes.flat)[len(shown):]:
-        ax.axis("off")
-    axes[0, 0].set_ylabel("probability")
-    axes[0, 0].legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
+    with plots.style():
+        fig = plots.figure(figsize=(3.8 * cols, 3.2 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+        for ax, lang in zip(axes.flat, shown):
+            for i, s in enumerate(specs):
+                st = stats[s.label][lang]
+                if st["n"]:
+                    _curves(ax, st, ("target_answer", "english_answer"), plots.model_linestyle(i), f"{s.label}: ")
+            ax.set_title(lang)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        axes[0, 0].set_ylabel("probability")
+        axes[0, 0].legend(loc="upper left", fontsize=7)
+        fig.tight_layout()
     return fig

@@ -1,14 +1,18 @@
-"""Shared matplotlib helpers for the analysis commands (headless Agg backend, atomic PNG writes)."""
+"""Shared matplotlib helpers for the analysis commands: the house style, figures, atomic PNG writes.
+
+Figures are plain `matplotlib.figure.Figure` objects, never pyplot's: the library selects no backend and
+changes no global setting (a notebook keeps its inline plots and its own rcParams). The house style is
+applied per figure, with `style()` around the drawing; `save` renders the PNG with matplotlib's own
+canvas for the format (Agg), whatever backend the process uses.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from polyalign.store import atomic_path  # noqa: E402
+from polyalign.store import atomic_path
 
 # Curves of the logit lens: colour = which language, dash = the gold answer or all answers.
 MEASURE_STYLE = {
@@ -19,7 +23,8 @@ MEASURE_STYLE = {
 }
 MODEL_LINESTYLES = ["-", "--", "-.", ":"]
 
-plt.rcParams.update({
+# The analysis figures' look, applied only while one is drawn and saved (see style()).
+STYLE = {
     "figure.dpi": 110,
     "savefig.dpi": 110,
     "axes.grid": True,
@@ -28,12 +33,22 @@ plt.rcParams.update({
     "axes.spines.right": False,
     "legend.frameon": False,
     "font.size": 9,
-})
+}
+
+
+def style():
+    """A context in which new figures, axes and artists take the house style; rcParams are restored after."""
+    return matplotlib.rc_context(STYLE)
+
+
+def figure(**kwargs) -> Figure:
+    """A new Figure outside pyplot (draw it inside style() to get the house look)."""
+    return Figure(**kwargs)
 
 
 def lang_colors(langs: list[str]) -> dict[str, tuple]:
     """A stable, distinguishable colour per language (tab10, then tab20)."""
-    cmap = plt.get_cmap("tab10" if len(langs) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(langs) <= 10 else "tab20"]
     return {lang: cmap(i % cmap.N) for i, lang in enumerate(langs)}
 
 
@@ -41,12 +56,10 @@ def model_linestyle(i: int) -> str:
     return MODEL_LINESTYLES[i % len(MODEL_LINESTYLES)]
 
 
-def save(fig, path: Path) -> Path:
-    """Write the figure beside `path`, then rename over it (never a half-written PNG); closes it."""
+def save(fig: Figure, path: Path, tight: bool = True) -> Path:
+    """Write the figure beside `path`, then rename over it (never a half-written PNG). `tight` crops it to
+    its artists (bbox_inches="tight")."""
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp, style():
+        fig.savefig(tmp, **({"bbox_inches": "tight"} if tight else {}))
     return path

@@ -21,7 +21,8 @@ from polyalign import languages
 from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
-from polyalign.store import atomic_path, read_jsonl, safe_name, write_atomic, write_csv
+from polyalign.store import read_jsonl, safe_name, write_atomic, write_csv
+from polyalign.training.train import TrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +277,20 @@ def _slug(*parts: str) -> str:
 
 # ----------------------------------------------------------------------------- figures
 def _heatmap(path: Path, rows: list[str], cols: list[str], values, title: str, diverging: bool = False) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from polyalign.reporting import plots
+    fig = heatmap_figure(rows, cols, values, title, diverging)
+    return plots.save(fig, path, tight=False)
+
+
+def heatmap_figure(rows: list[str], cols: list[str], values, title: str, diverging: bool = False):
+    """Accuracies (or their changes, `diverging`) in points, one row per model or setting (a Figure; in
+    matplotlib's default style, as the report has always drawn it)."""
     import numpy as np
+    from matplotlib.figure import Figure
 
     data = np.array([[np.nan if v is None else 100 * v for v in r] for r in values], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cols) + 2.5), max(1.6, 0.5 * len(rows) + 1.2)))
+    fig = Figure(figsize=(max(6.0, 0.55 * len(cols) + 2.5), max(1.6, 0.5 * len(rows) + 1.2)))
+    ax = fig.subplots()
     if diverging:
         lim = max(1.0, float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0)
         im = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -300,10 +308,7 @@ def _heatmap(path: Path, rows: list[str], cols: list[str], values, title: str, d
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label="Δ accuracy (points)" if diverging else "accuracy (%)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -336,7 +341,32 @@ def broken_steps(run: Path, steps: list[dict]) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None) -> Path:
+@dataclass
+class RunView:
+    """What the report reads of a run folder: its manifest, the steps that are finished (and not broken),
+    and the report's settings."""
+    run: Path
+    manifest: dict
+    steps: list[dict]
+    done: list[dict]
+    pending: list[dict]
+    broken: dict[str, str]          # step label -> problem
+    settings: dict[str, dict]       # setting name -> its manifest entry
+    setting_order: list[str]
+    models: list[str]               # model labels
+    ev_cfg: dict
+    scoring: str
+    n_boot: int
+    seed: int
+    alpha: float
+    out_dir: Path
+    fig_dir: Path
+
+    def finished(self, kind: str) -> list[dict]:
+        return [s for s in self.done if s["kind"] == kind]
+
+
+def read_run(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None) -> RunView:
     run = Path(run_dir)
     mpath = run / "manifest.json"
     if not mpath.exists():
@@ -346,29 +376,43 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     except json.JSONDecodeError as e:
         raise PolyalignError(f"{mpath}: malformed JSON ({e.msg})") from None
     rep_cfg = manifest.get("report") or {}
-    n_boot = bootstrap or rep_cfg.get("bootstrap") or 10000
-    boot_seed = seed if seed is not None else rep_cfg.get("seed", 0)
-    alpha = rep_cfg.get("alpha", 0.05)
-    out_dir = run / "report"
-    fig_dir = out_dir / "figures"
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    settings = {s["name"]: s for s in manifest.get("settings", [])}
-    setting_order = [s["name"] for s in manifest.get("settings", [])]
-    models = [m["label"] for m in manifest.get("models", [])]
     steps = manifest.get("steps", [])
     broken = {label: problem for label, (_, problem) in broken_steps(run, steps).items()}
-    for label, problem in broken.items():   # info: `polyalign report` then fails with this as its one error line
-        log.info("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
     done = [s for s in steps if s["label"] not in broken
             and (s.get("status") == "done" or (run / s["dir"] / "done.json").exists())]
-    pending = [s for s in steps if s not in done]
     ev_cfg = manifest.get("eval") or {}
-    scoring = ev_cfg.get("scoring", "paper")
+    return RunView(run, manifest, steps, done, [s for s in steps if s not in done], broken,
+                   settings={s["name"]: s for s in manifest.get("settings", [])},
+                   setting_order=[s["name"] for s in manifest.get("settings", [])],
+                   models=[m["label"] for m in manifest.get("models", [])], ev_cfg=ev_cfg,
+                   scoring=ev_cfg.get("scoring", "paper"), n_boot=bootstrap or rep_cfg.get("bootstrap") or 10000,
+                   seed=seed if seed is not None else rep_cfg.get("seed", 0), alpha=rep_cfg.get("alpha", 0.05),
+                   out_dir=run / "report", fig_dir=run / "report" / "figures")
 
-    doc = Doc()
-    title = rep_cfg.get("title") or f"polyalign report: {manifest.get('name', run.name)}"
+
+def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None) -> Path:
+    """Write report.md, report.html and report/ (tables, figures) for the run folder; returns report.html.
+    Broken steps are left out and listed in the report (and in run_report's result)."""
+    view = read_run(run_dir, bootstrap, seed)
+    for label, problem in view.broken.items():   # info: `polyalign report` then fails with this as its one error line
+        log.info("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
+    view.out_dir.mkdir(parents=True, exist_ok=True)
+    title = (view.manifest.get("report") or {}).get("title") or \
+        f"polyalign report: {view.manifest.get('name', view.run.name)}"
+    doc, exported = Doc(), []
     doc.h(1, title)
+    _intro(doc, view)
+    _evaluation_sections(doc, exported, view)
+    _training_section(doc, exported, view)
+    _lens_section(doc, exported, view)
+    _geometry_section(doc, exported, view)
+    _timing_section(doc, exported, view)
+    _method_notes(doc, view)
+    return _write_report(doc, exported, view, title)
+
+
+def _intro(doc: Doc, view: RunView) -> None:
+    manifest, run, scoring, ev_cfg = view.manifest, view.run, view.scoring, view.ev_cfg
     intro = []
     if manifest.get("description"):
         intro.append(str(manifest["description"]).strip())
@@ -388,30 +432,31 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
         facts.append(f"Evaluation: {', '.join(ev_cfg.get('tasks', []))}; labels {', '.join(ev_cfg.get('labels', []))}; "
                      f"scoring rule `{scoring}`; data {ev_cfg.get('data') or 'bundled'}"
                      + (f"; at most {ev_cfg['limit']} items per language" if ev_cfg.get("limit") else ""))
+    pending, steps = view.pending, view.steps
     if pending:
         facts.append(f"**Incomplete run**: {len(pending)} of {len(steps)} steps are not finished "
                      f"({', '.join(s['label'] for s in pending[:6])}{'…' if len(pending) > 6 else ''}); "
                      "rerun `polyalign run` to finish them")
-    if broken:
+    if view.broken:
         facts.append("**Broken steps**, left out below: " + "; ".join(f"{label}: {problem}"
-                                                                      for label, problem in broken.items()))
+                                                                      for label, problem in view.broken.items()))
     doc.ul(facts)
 
-    # ---- evaluations
-    evals = [e for e in (_load_eval(s, run, scoring) for s in done if s["kind"] == "eval") if e]
+
+def _evaluation_sections(doc: Doc, exported: list[Table], view: RunView) -> None:
+    """The summary (one line per setting), then per model, task and label mode its accuracy section."""
+    evals = [e for e in (_load_eval(s, view.run, view.scoring) for s in view.finished("eval")) if e]
     summary_lines: list[str] = []
     results_blocks = Doc()
-    exported: list[Table] = []
-    lang_order = {code: i for i, code in enumerate(languages.ALL)}
+    models = view.models
     for model in models or sorted({e.model for e in evals}):
         for task in dict.fromkeys(e.task for e in evals if e.model == model):
             mine = {e.setting: e for e in evals if e.model == model and e.task == task}
-            base = mine.get(None)
             modes = list(dict.fromkeys(mode for e in mine.values() for mode, _ in e.outcomes))
             for mode in modes:
-                _results_section(results_blocks, summary_lines, exported, model, task, mode, base, mine,
-                                 settings, setting_order, lang_order, scoring, n_boot, boot_seed, alpha, fig_dir,
-                                 multi=len(models) > 1 or len(modes) > 1)
+                section = EvalSection(model, task, mode, mine.get(None), mine,
+                                      multi=len(models) > 1 or len(modes) > 1)
+                _results_section(results_blocks, summary_lines, exported, view, section)
     doc.h(2, "Summary")
     if summary_lines:
         doc.ul(summary_lines)
@@ -420,109 +465,111 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     doc.blocks += results_blocks.blocks
     # ---- alignment or calibration? (issue 12; its sentences join the summary above)
     from polyalign.reporting.alignment import alignment_sections, geometry_summaries
-    alignment_sections(doc, summary_lines, exported, evals, geometry_summaries(run, done), settings, setting_order,
-                       lang_order, n_boot, boot_seed, fig_dir, multi=len(models) > 1)
+    lang_order = {code: i for i, code in enumerate(languages.ALL)}
+    alignment_sections(doc, summary_lines, exported, evals, geometry_summaries(view.run, view.done), view.settings,
+                       view.setting_order, lang_order, view.n_boot, view.seed, view.fig_dir, multi=len(models) > 1)
 
-    # ---- training
-    trains = [s for s in done if s["kind"] == "train"]
-    if trains:
-        doc.h(2, "Training")
-        rows, images = [], []
-        for s in trains:
-            folder = run / s["dir"]
-            summ = {}
-            if (folder / "summary.json").exists():
-                try:
-                    summ = json.loads((folder / "summary.json").read_text("utf-8"))
-                except json.JSONDecodeError:
-                    summ = {}
-            rows.append(_train_row(s, folder, summ))
-            images += [(png, f"{s['label']}: {png.stem.replace('_', ' ')} (from {s['dir']})")
-                       for png in sorted(folder.glob("*.png"))]
-        keys = ["step", "model", "setting"] + [k for k in ("steps", "epochs", "train pairs", "first loss",
-                                                            "final loss", "final eval loss", "seconds")
-                                                if any(k in r for r in rows)]
-        t = Table(keys, [[Cell(str(r.get(k, "—"))) for k in keys] for r in rows],
-                  "Training runs (from train_log.jsonl / summary.json).", "training",
-                  csv_rows=[{k: r.get(k) for k in keys} for r in rows])
-        doc.table(t)
-        exported.append(t)
-        for png, caption in images:
-            doc.img(png, caption)
 
-    # ---- lens
-    lens_steps = [s for s in done if s["kind"] == "lens"]
-    if lens_steps:
-        doc.h(2, "Logit lens")
-        doc.p("Per layer, the residual at the answer position is decoded with the model's own final norm and "
-              "unembedding (Wendler et al.'s logit lens). Curves show the probability of the correct answer in "
-              "the prompt's language, of its English twin, and the entropy; the overlay compares the base model "
-              "with the trained adapter. Samples whose English and target token sets overlap are excluded "
-              "(counted below).")
-        for s in lens_steps:
-            folder = run / s["dir"]
-            lens_rows = _read_csv(folder / "lens.csv")
-            if lens_rows:
-                t = _lens_table(lens_rows, s)
+def _training_section(doc: Doc, exported: list[Table], view: RunView) -> None:
+    trains = view.finished("train")
+    if not trains:
+        return
+    doc.h(2, "Training")
+    rows, images = [], []
+    for s in trains:
+        folder = view.run / s["dir"]
+        rows.append(_train_row(s, folder, TrainSummary.read(folder)))
+        images += [(png, f"{s['label']}: {png.stem.replace('_', ' ')} (from {s['dir']})")
+                   for png in sorted(folder.glob("*.png"))]
+    keys = ["step", "model", "setting"] + [k for k in ("steps", "epochs", "train pairs", "first loss",
+                                                        "final loss", "final eval loss", "seconds")
+                                            if any(k in r for r in rows)]
+    t = Table(keys, [[Cell(str(r.get(k, "—"))) for k in keys] for r in rows],
+              "Training runs (from train_log.jsonl / summary.json).", "training",
+              csv_rows=[{k: r.get(k) for k in keys} for r in rows])
+    doc.table(t)
+    exported.append(t)
+    for png, caption in images:
+        doc.img(png, caption)
+
+
+def _lens_section(doc: Doc, exported: list[Table], view: RunView) -> None:
+    lens_steps = view.finished("lens")
+    if not lens_steps:
+        return
+    doc.h(2, "Logit lens")
+    doc.p("Per layer, the residual at the answer position is decoded with the model's own final norm and "
+          "unembedding (Wendler et al.'s logit lens). Curves show the probability of the correct answer in "
+          "the prompt's language, of its English twin, and the entropy; the overlay compares the base model "
+          "with the trained adapter. Samples whose English and target token sets overlap are excluded "
+          "(counted below).")
+    for s in lens_steps:
+        folder = view.run / s["dir"]
+        lens_rows = _read_csv(folder / "lens.csv")
+        if lens_rows:
+            t = _lens_table(lens_rows, s)
+            doc.table(t)
+            exported.append(t)
+        excl = _read_csv(folder / "excluded.csv")
+        dropped = [r for r in excl if (_float(r.get("n_excluded")) or 0) > 0]
+        if dropped:
+            doc.table(_generic_table(dropped, f"{s['label']}: samples excluded because their English and "
+                                     "target-language token sets overlap",
+                                     f"lens_excluded_{_slug(s['model'] or '', s['setting'] or 'base')}"))
+        elif excl:
+            doc.p(f"{s['label']}: no sample was excluded for overlapping token sets "
+                  f"({sum(int(_float(r.get('n_total')) or 0) for r in excl)} samples over all models).")
+        pngs = sorted(folder.glob("*.png"), key=lambda p: (0 if "overlay" in p.stem else 1, p.name))
+        for png in pngs:
+            doc.img(png, f"{s['label']}: {png.stem.replace('_', ' ')}")
+
+
+def _geometry_section(doc: Doc, exported: list[Table], view: RunView) -> None:
+    geo_steps = view.finished("geometry")
+    if not geo_steps:
+        return
+    doc.h(2, "Representation geometry")
+    doc.p("Hidden states of parallel items, mean-pooled over the prompt (the paper's choice unless set "
+          "otherwise), per layer. Pearson r of the 1-D PCA scores between two languages measures how "
+          "alike their representations are; the alignment metrics compare the cosine similarity of "
+          "parallel and non-parallel items and test whether an item's nearest English item is its own "
+          "translation.")
+
+    def order(p: Path):
+        m = re.search(r"(\d+)", p.stem)
+        kind = 0 if p.stem.startswith("alignment") else 1 if p.stem.startswith("pearson") else 2
+        return (kind, int(m.group(1)) if m else -1, p.name)
+
+    for s in geo_steps:
+        folder = view.run / s["dir"]
+        for name, make in (("pearson.csv", _pearson_table), ("alignment.csv", _alignment_table)):
+            rows = _read_csv(folder / name)
+            t = make(rows, s, folder) if rows else None
+            if t:
                 doc.table(t)
                 exported.append(t)
-            excl = _read_csv(folder / "excluded.csv")
-            dropped = [r for r in excl if (_float(r.get("n_excluded")) or 0) > 0]
-            if dropped:
-                doc.table(_generic_table(dropped, f"{s['label']}: samples excluded because their English and "
-                                         "target-language token sets overlap",
-                                         f"lens_excluded_{_slug(s['model'] or '', s['setting'] or 'base')}"))
-            elif excl:
-                doc.p(f"{s['label']}: no sample was excluded for overlapping token sets "
-                      f"({sum(int(_float(r.get('n_total')) or 0) for r in excl)} samples over all models).")
-            pngs = sorted(folder.glob("*.png"), key=lambda p: (0 if "overlay" in p.stem else 1, p.name))
-            for png in pngs:
-                doc.img(png, f"{s['label']}: {png.stem.replace('_', ' ')}")
+        for png in sorted(folder.glob("*.png"), key=order):
+            doc.img(png, f"{s['label']}: {png.stem.replace('_', ' ')}")
 
-    # ---- geometry
-    geo_steps = [s for s in done if s["kind"] == "geometry"]
-    if geo_steps:
-        doc.h(2, "Representation geometry")
-        doc.p("Hidden states of parallel items, mean-pooled over the prompt (the paper's choice unless set "
-              "otherwise), per layer. Pearson r of the 1-D PCA scores between two languages measures how "
-              "alike their representations are; the alignment metrics compare the cosine similarity of "
-              "parallel and non-parallel items and test whether an item's nearest English item is its own "
-              "translation.")
-        for s in geo_steps:
-            folder = run / s["dir"]
-            pear = _read_csv(folder / "pearson.csv")
-            if pear:
-                t = _pearson_table(pear, s, folder)
-                if t:
-                    doc.table(t)
-                    exported.append(t)
-            align = _read_csv(folder / "alignment.csv")
-            if align:
-                t = _alignment_table(align, s, folder)
-                if t:
-                    doc.table(t)
-                    exported.append(t)
 
-            def order(p: Path):
-                m = re.search(r"(\d+)", p.stem)
-                kind = 0 if p.stem.startswith("alignment") else 1 if p.stem.startswith("pearson") else 2
-                return (kind, int(m.group(1)) if m else -1, p.name)
-            for png in sorted(folder.glob("*.png"), key=order):
-                doc.img(png, f"{s['label']}: {png.stem.replace('_', ' ')}")
+def _timing_section(doc: Doc, exported: list[Table], view: RunView) -> None:
+    timed = [s for s in view.steps if s.get("seconds")]
+    if not timed:
+        return
+    total = sum(float(s["seconds"]) for s in timed)
+    doc.h(2, "Run time")
+    rows = [[Cell(s["label"]), Cell(s["kind"]), Cell(f"{float(s['seconds']):.1f}", raw=s["seconds"]),
+             Cell(f"{100 * float(s['seconds']) / total:.1f}%" if total else "—")] for s in timed]
+    rows.append([Cell("total", bold=True), Cell(""), Cell(f"{total:.1f}", bold=True, raw=total), Cell("100%")])
+    t = Table(["step", "kind", "seconds", "share"], rows,
+              "Wall time of each step when it ran (cached steps keep the time of the run that made them).",
+              "timing")
+    doc.table(t)
+    exported.append(t)
 
-    # ---- run facts
-    timed = [s for s in steps if s.get("seconds")]
-    if timed:
-        total = sum(float(s["seconds"]) for s in timed)
-        doc.h(2, "Run time")
-        rows = [[Cell(s["label"]), Cell(s["kind"]), Cell(f"{float(s['seconds']):.1f}", raw=s["seconds"]),
-                 Cell(f"{100 * float(s['seconds']) / total:.1f}%" if total else "—")] for s in timed]
-        rows.append([Cell("total", bold=True), Cell(""), Cell(f"{total:.1f}", bold=True, raw=total), Cell("100%")])
-        t = Table(["step", "kind", "seconds", "share"], rows,
-                  "Wall time of each step when it ran (cached steps keep the time of the run that made them).",
-                  "timing")
-        doc.table(t)
-        exported.append(t)
+
+def _method_notes(doc: Doc, view: RunView) -> None:
+    n_boot, alpha = view.n_boot, view.alpha
     doc.h(2, "Method notes")
     doc.ul([
         "Accuracy is the share of items whose highest-scoring label is the gold one; ties count as wrong "
@@ -539,51 +586,144 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
         f"{' '.join(languages.HIGH)}; low-resource: {' '.join(languages.LOW)} (the paper's grouping).",
     ])
 
-    # ---- write
+
+def _write_report(doc: Doc, exported: list[Table], view: RunView, title: str) -> Path:
     for t in exported:
         if t.name:
-            write_table_csv(out_dir / f"{t.name}.csv", t)
-            write_atomic(out_dir / f"{t.name}.tex", render_tex(t))
-    write_atomic(run / "report.md", render_md(doc, run))
-    out = run / "report.html"
+            write_table_csv(view.out_dir / f"{t.name}.csv", t)
+            write_atomic(view.out_dir / f"{t.name}.tex", render_tex(t))
+    write_atomic(view.run / "report.md", render_md(doc, view.run))
+    out = view.run / "report.html"
     write_atomic(out, render_html(doc, title))
     return out
 
 
-def _results_section(doc: Doc, summary: list[str], exported: list[Table], model: str, task: str, mode: str,
-                     base: EvalRun | None, mine: dict, settings: dict, order: list[str], lang_order: dict,
-                     scoring: str, n_boot: int, seed: int, alpha: float, fig_dir: Path, multi: bool) -> None:
-    rows_keys = ([None] if base else []) + [s for s in order if s in mine]
-    if not rows_keys:
+@dataclass
+class EvalSection:
+    """One accuracy section: a model's evaluations of one task under one label mode."""
+    model: str
+    task: str
+    mode: str
+    base: EvalRun | None
+    runs: dict                  # setting name (None = the base model) -> EvalRun
+    multi: bool                 # several models or modes: headings and file names name the model
+
+
+@dataclass
+class AccuracyGrid:
+    """The accuracies of a section per (row, language); a row is None (the base model) or a setting's name."""
+    rows: list
+    langs: list[str]
+    acc: dict                   # (row, lang) -> accuracy
+    nitems: dict                # (row, lang) -> items
+    label: dict                 # row -> its label in tables and figures
+    tag: str                    # file stem of the exports
+    heading: str
+
+    def mean(self, row, langs: list[str]) -> float | None:
+        return _mean([self.acc[(row, lang)] for lang in langs if (row, lang) in self.acc])
+
+
+@dataclass
+class GroupDelta:
+    """A setting's accuracy change against the base over a language group, with its bootstrap CI."""
+    delta: float
+    ci_low: float
+    ci_high: float
+    n_langs: int
+
+    @property
+    def significant(self) -> bool:
+        return self.ci_low > 0 or self.ci_high < 0
+
+
+@dataclass
+class LangTest:
+    """The exact McNemar test of one language: the base model and a setting on the same items."""
+    n: int
+    base_only: int              # items only the base got right
+    setting_only: int           # items only the setting got right
+    p_exact: float
+    p_mid: float
+    p_holm: float = 1.0         # Holm-adjusted over the setting's languages
+    significant: bool = False
+
+    @property
+    def delta(self) -> float:
+        return (self.setting_only - self.base_only) / self.n
+
+
+@dataclass
+class Comparison:
+    """A setting against the base model: deltas per language group, McNemar per language."""
+    setting: str
+    seen: list[str]
+    groups: dict[str, GroupDelta]       # group (GROUPS) -> delta, for the groups with paired languages
+    tests: dict[str, LangTest]          # lang -> test, for the languages with paired items
+
+
+def _results_section(doc: Doc, summary: list[str], exported: list[Table], view: RunView, sec: EvalSection) -> None:
+    grid = _accuracy_grid(view, sec)
+    if grid is None:
         return
-    langs = sorted({lang for e in mine.values() for (m, lang) in e.outcomes if m == mode},
+    doc.h(2, f"Accuracy: {grid.heading}")
+    for t in (_accuracy_table(view, sec, grid), _averages_table(view, grid)):
+        doc.table(t)
+        exported.append(t)
+    if sec.base is None:
+        doc.p("No base-model evaluation is finished, so deltas and tests are not available.")
+        return
+    comparisons = [_compare(view, sec, grid, k) for k in grid.rows if k is not None]
+    summary += [line for c in comparisons if (line := _verdict(view, sec, grid, c))]
+    for t in (_delta_table(grid, comparisons), _mcnemar_table(view, grid, comparisons)):
+        doc.table(t)
+        exported.append(t)
+    heat_rows = [grid.label[k] for k in grid.rows]
+    heat_vals = [[grid.acc.get((k, lang)) for lang in grid.langs] for k in grid.rows]
+    doc.img(_heatmap(view.fig_dir / f"heatmap_{grid.tag}.png", heat_rows, grid.langs, heat_vals,
+                     f"Accuracy (%): {sec.task}, {sec.mode} labels"), f"Accuracy heat map, {grid.heading}")
+    if comparisons:
+        acc = grid.acc
+        delta_vals = [[(acc[(c.setting, lang)] - acc[(None, lang)]) if (c.setting, lang) in acc and (None, lang) in acc
+                       else None for lang in grid.langs] for c in comparisons]
+        doc.img(_heatmap(view.fig_dir / f"delta_{grid.tag}.png", heat_rows[1:], grid.langs, delta_vals,
+                         f"Change against the base (points): {sec.task}, {sec.mode} labels", diverging=True),
+                f"Accuracy change against the base model, {grid.heading}")
+
+
+def _accuracy_grid(view: RunView, sec: EvalSection) -> AccuracyGrid | None:
+    rows = ([None] if sec.base else []) + [s for s in view.setting_order if s in sec.runs]
+    if not rows:
+        return None
+    lang_order = {code: i for i, code in enumerate(languages.ALL)}
+    langs = sorted({lang for e in sec.runs.values() for (m, lang) in e.outcomes if m == sec.mode},
                    key=lambda c: lang_order.get(c, 99))
-    acc: dict = {}
-    nitems: dict = {}
-    for key in rows_keys:
+    acc, nitems = {}, {}
+    for key in rows:
         for lang in langs:
-            o = mine[key].outcomes.get((mode, lang))
+            o = sec.runs[key].outcomes.get((sec.mode, lang))
             if o:
                 acc[(key, lang)] = sum(o.values()) / len(o)
                 nitems[(key, lang)] = len(o)
-    tag = _slug(model if multi else "", task, mode)
-    heading = f"{task} · {mode} labels" + (f" · {model}" if multi else "")
-    doc.h(2, f"Accuracy: {heading}")
-    row_label = {None: f"{model} (base)"}
-    row_label.update({k: f"{settings.get(k, {}).get('label', k)}" for k in rows_keys if k})
+    label = {None: f"{sec.model} (base)"}
+    label.update({k: f"{view.settings.get(k, {}).get('label', k)}" for k in rows if k})
+    return AccuracyGrid(rows, langs, acc, nitems, label, tag=_slug(sec.model if sec.multi else "", sec.task, sec.mode),
+                        heading=f"{sec.task} · {sec.mode} labels" + (f" · {sec.model}" if sec.multi else ""))
 
-    # ---- Table 1
+
+def _accuracy_table(view: RunView, sec: EvalSection, grid: AccuracyGrid) -> Table:
+    """Table 1 of the paper: accuracy per language and the average, the best per column in bold."""
+    langs, acc = grid.langs, grid.acc
     best = {}
     for lang in langs:
-        vals = [round(100 * acc[(k, lang)], 1) for k in rows_keys if (k, lang) in acc]
+        vals = [round(100 * acc[(k, lang)], 1) for k in grid.rows if (k, lang) in acc]
         best[lang] = max(vals) if vals else None
-    avg_all = {k: _mean([acc[(k, lang)] for lang in langs if (k, lang) in acc]) for k in rows_keys}
+    avg_all = {k: grid.mean(k, langs) for k in grid.rows}
     best_avg = max((round(100 * v, 1) for v in avg_all.values() if v is not None), default=None)
-    header = ["model / setting", *langs, "Avg"]
-    t1_rows, t1_csv = [], []
-    for k in rows_keys:
-        seen = settings.get(k, {}).get("seen", []) if k else []
-        cells = [Cell(row_label[k])]
+    rows, csv_rows = [], []
+    for k in grid.rows:
+        seen = view.settings.get(k, {}).get("seen", []) if k else []
+        cells = [Cell(grid.label[k])]
         for lang in langs:
             v = acc.get((k, lang))
             cells.append(Cell(_pct(v), bold=v is not None and round(100 * v, 1) == best[lang],
@@ -591,149 +731,136 @@ def _results_section(doc: Doc, summary: list[str], exported: list[Table], model:
         v = avg_all[k]
         cells.append(Cell(_pct(v), bold=v is not None and round(100 * v, 1) == best_avg,
                           raw=None if v is None else round(v, 4)))
-        t1_rows.append(cells)
-        t1_csv.append({"row": row_label[k], "setting": k or "base",
-                       **{lang: (None if acc.get((k, lang)) is None else round(acc[(k, lang)], 4)) for lang in langs},
-                       "avg": None if v is None else round(v, 4),
-                       "seen": " ".join(seen)})
-    ns = sorted({n for n in nitems.values()})
+        rows.append(cells)
+        csv_rows.append({"row": grid.label[k], "setting": k or "base",
+                         **{lang: (None if acc.get((k, lang)) is None else round(acc[(k, lang)], 4)) for lang in langs},
+                         "avg": None if v is None else round(v, 4),
+                         "seen": " ".join(seen)})
+    ns = sorted({n for n in grid.nitems.values()})
     n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
-    t1 = Table(header, t1_rows, f"Accuracy (%) on {task}, {mode} labels, `{scoring}` scoring, {n_text} items per "
-               f"language. Bold: best per column. {DAGGER}: language seen in training.",
-               f"table1_{tag}", t1_csv)
-    doc.table(t1)
-    exported.append(t1)
+    return Table(["model / setting", *langs, "Avg"], rows,
+                 f"Accuracy (%) on {sec.task}, {sec.mode} labels, `{view.scoring}` scoring, {n_text} items per "
+                 f"language. Bold: best per column. {DAGGER}: language seen in training.",
+                 f"table1_{grid.tag}", csv_rows)
 
-    # ---- averages
-    av_rows, av_csv = [], []
-    for k in rows_keys:
-        seen = settings.get(k, {}).get("seen") if k else None
-        cells, rec = [Cell(row_label[k])], {"row": row_label[k], "setting": k or "base"}
+
+def _averages_table(view: RunView, grid: AccuracyGrid) -> Table:
+    rows, csv_rows = [], []
+    for k in grid.rows:
+        seen = view.settings.get(k, {}).get("seen") if k else None
+        cells, rec = [Cell(grid.label[k])], {"row": grid.label[k], "setting": k or "base"}
         for g in GROUPS:
-            gl = _group_langs(g, langs, seen)
-            v = _mean([acc[(k, lang)] for lang in gl if (k, lang) in acc]) if gl else None
+            gl = _group_langs(g, grid.langs, seen)
+            v = grid.mean(k, gl) if gl else None
             cells.append(Cell(_pct(v) + (f" ({len(gl)})" if g in ("seen", "unseen") and gl else ""),
                               raw=None if v is None else round(v, 4)))
             rec[g] = None if v is None else round(v, 4)
             rec[f"{g}_langs"] = len(gl)
-        av_rows.append(cells)
-        av_csv.append(rec)
-    t2 = Table(["model / setting", "All", "Seen", "Unseen", "High", "Low"], av_rows,
-               "Average accuracy (%) over language groups (number of languages in brackets for seen/unseen; "
-               "the base model has no seen languages).", f"averages_{tag}", av_csv)
-    doc.table(t2)
-    exported.append(t2)
+        rows.append(cells)
+        csv_rows.append(rec)
+    return Table(["model / setting", "All", "Seen", "Unseen", "High", "Low"], rows,
+                 "Average accuracy (%) over language groups (number of languages in brackets for seen/unseen; "
+                 "the base model has no seen languages).", f"averages_{grid.tag}", csv_rows)
 
-    if base is None:
-        doc.p("No base-model evaluation is finished, so deltas and tests are not available.")
-        return
-    # ---- deltas with bootstrap CIs, McNemar per language
-    d_rows, d_csv, m_cols, m_csv = [], [], [], []
-    heat_rows, heat_vals, delta_vals = [row_label[None]], [[acc.get((None, lang)) for lang in langs]], []
-    for k in rows_keys:
-        if k is None:
-            continue
-        seen = settings.get(k, {}).get("seen", [])
-        paired, idlists = {}, {}
-        for lang in langs:
-            a, b = base.outcomes.get((mode, lang)), mine[k].outcomes.get((mode, lang))
-            if a and b:
-                ids = [i for i in a if i in b]
-                if ids:
-                    paired[lang] = ([a[i] for i in ids], [b[i] for i in ids])
-                    idlists[lang] = ids
-        # Parallel test sets (the same item ids in every language): resample items across languages.
-        parallel = len({tuple(v) for v in idlists.values()}) == 1
-        cells, rec = [Cell(row_label[k])], {"setting": k, "label": row_label[k]}
-        verdict = None
+
+def _compare(view: RunView, sec: EvalSection, grid: AccuracyGrid, setting: str) -> Comparison:
+    """Bootstrap deltas per language group and McNemar per language (Holm over the languages)."""
+    seen = view.settings.get(setting, {}).get("seen", [])
+    paired, idlists = {}, {}
+    for lang in grid.langs:
+        a, b = sec.base.outcomes.get((sec.mode, lang)), sec.runs[setting].outcomes.get((sec.mode, lang))
+        if a and b:
+            ids = [i for i in a if i in b]
+            if ids:
+                paired[lang] = ([a[i] for i in ids], [b[i] for i in ids])
+                idlists[lang] = ids
+    # Parallel test sets (the same item ids in every language): resample items across languages.
+    parallel = len({tuple(v) for v in idlists.values()}) == 1
+    groups = {}
+    for g in GROUPS:
+        gl = [lang for lang in _group_langs(g, grid.langs, seen) if lang in paired]
+        if gl:
+            d, lo, hi = paired_bootstrap_delta([paired[lang][0] for lang in gl], [paired[lang][1] for lang in gl],
+                                               n_boot=view.n_boot, seed=view.seed, clustered=parallel)
+            groups[g] = GroupDelta(d, lo, hi, len(gl))
+    tests = {}
+    for lang in grid.langs:
+        if lang in paired:
+            b, c = discordant(*paired[lang])
+            tests[lang] = LangTest(len(paired[lang][0]), b, c, mcnemar_from_counts(b, c),
+                                   mcnemar_from_counts(b, c, True))
+    for t, padj in zip(tests.values(), holm([t.p_exact for t in tests.values()]) if tests else []):
+        t.p_holm, t.significant = padj, padj < view.alpha
+    return Comparison(setting, seen, groups, tests)
+
+
+def _delta_table(grid: AccuracyGrid, comparisons: list[Comparison]) -> Table:
+    rows, csv_rows = [], []
+    for c in comparisons:
+        cells, rec = [Cell(grid.label[c.setting])], {"setting": c.setting, "label": grid.label[c.setting]}
         for g in GROUPS:
-            gl = [lang for lang in _group_langs(g, langs, seen) if lang in paired]
-            if not gl:
+            gd = c.groups.get(g)
+            if gd is None:
                 cells.append(Cell("—"))
                 continue
-            d, lo, hi = paired_bootstrap_delta([paired[lang][0] for lang in gl], [paired[lang][1] for lang in gl],
-                                               n_boot=n_boot, seed=seed, clustered=parallel)
-            sig = lo > 0 or hi < 0
-            cells.append(Cell(f"{_pct(d, True)} [{_pct(lo, True)}, {_pct(hi, True)}]", bold=sig))
-            rec.update({f"{g}_delta": round(d, 4), f"{g}_ci_low": round(lo, 4), f"{g}_ci_high": round(hi, 4),
-                        f"{g}_langs": len(gl)})
-            if g == "all":
-                verdict = (d, lo, hi, len(gl))
-        d_rows.append(cells)
-        d_csv.append(rec)
-        # McNemar
-        pvals, counts = [], []
-        for lang in langs:
-            if lang in paired:
-                bc = discordant(*paired[lang])
-                counts.append(bc)
-                pvals.append(mcnemar_from_counts(*bc))
-            else:
-                counts.append(None)
-                pvals.append(None)
-        present = [p for p in pvals if p is not None]
-        adj_iter = iter(holm(present)) if present else iter([])
-        adjusted = [next(adj_iter) if p is not None else None for p in pvals]
-        mcells = []
-        gains = losses = 0
-        for lang, p, padj, bc in zip(langs, pvals, adjusted, counts):
-            if p is None:
-                mcells.append(Cell("—"))
+            cells.append(Cell(f"{_pct(gd.delta, True)} [{_pct(gd.ci_low, True)}, {_pct(gd.ci_high, True)}]",
+                              bold=gd.significant))
+            rec.update({f"{g}_delta": round(gd.delta, 4), f"{g}_ci_low": round(gd.ci_low, 4),
+                        f"{g}_ci_high": round(gd.ci_high, 4), f"{g}_langs": gd.n_langs})
+        rows.append(cells)
+        csv_rows.append(rec)
+    return Table(["setting", "Δ All", "Δ Seen", "Δ Unseen", "Δ High", "Δ Low"], rows,
+                 "Accuracy change against the base model in points, with a paired bootstrap 95% CI; bold where the "
+                 "CI excludes zero.", f"deltas_{grid.tag}", csv_rows)
+
+
+def _mcnemar_table(view: RunView, grid: AccuracyGrid, comparisons: list[Comparison]) -> Table:
+    columns, csv_rows = [], []
+    for c in comparisons:
+        cells = []
+        for lang in grid.langs:
+            t = c.tests.get(lang)
+            if t is None:
+                cells.append(Cell("—"))
                 continue
-            b, c = bc
-            sig = padj < alpha
-            if sig:
-                gains += c > b
-                losses += b > c
-            delta = (c - b) / len(paired[lang][0])
-            mcells.append(Cell(f"{_pct(delta, True)} ({_p(p)}{'*' if sig else ''})", bold=sig,
-                               mark=DAGGER if lang in seen else ""))
-            m_csv.append({"setting": k, "lang": lang, "n": len(paired[lang][0]), "base_only": b, "setting_only": c,
-                          "delta": round(delta, 4), "p_exact": p, "p_mid": mcnemar_from_counts(b, c, True),
-                          "p_holm": padj, "significant": sig})
-        m_cols.append(mcells)
-        heat_rows.append(row_label[k])
-        heat_vals.append([acc.get((k, lang)) for lang in langs])
-        delta_vals.append([(acc[(k, lang)] - acc[(None, lang)]) if (k, lang) in acc and (None, lang) in acc
-                           else None for lang in langs])
-        if verdict:
-            d, lo, hi, nl = verdict
-            base_avg, set_avg = avg_all[None], avg_all[k]
-            if lo > 0:
-                what = "a gain: the 95% CI lies above zero"
-            elif hi < 0:
-                what = "a loss: the 95% CI lies below zero"
-            else:
-                what = "no clear change: the 95% CI includes zero"
-            line = (f"{task}, {mode} labels{f', {model}' if multi else ''}: **{row_label[k]}** moves the average "
-                    f"over {nl} languages from {_pct(base_avg)} to {_pct(set_avg)} ({_pct(d, True)} points, 95% CI "
-                    f"[{_pct(lo, True)}, {_pct(hi, True)}]), {what}. Per language, McNemar finds "
-                    f"{gains} significant gain{'s' if gains != 1 else ''} and {losses} significant "
-                    f"loss{'es' if losses != 1 else ''} among {len(present)} (Holm-corrected, α = {alpha}).")
-            if "seen_delta" in rec and "unseen_delta" in rec:
-                line += (f" On its {rec['seen_langs']} seen languages: {_pct(rec['seen_delta'], True)} "
-                         f"[{_pct(rec['seen_ci_low'], True)}, {_pct(rec['seen_ci_high'], True)}]; on the "
-                         f"{rec['unseen_langs']} unseen ones: {_pct(rec['unseen_delta'], True)} "
-                         f"[{_pct(rec['unseen_ci_low'], True)}, {_pct(rec['unseen_ci_high'], True)}] points.")
-            summary.append(line)
-    t3 = Table(["setting", "Δ All", "Δ Seen", "Δ Unseen", "Δ High", "Δ Low"], d_rows,
-               "Accuracy change against the base model in points, with a paired bootstrap 95% CI; bold where the "
-               "CI excludes zero.", f"deltas_{tag}", d_csv)
-    doc.table(t3)
-    exported.append(t3)
-    m_rows = [[Cell(lang)] + [col[i] for col in m_cols] for i, lang in enumerate(langs)]
-    t4 = Table(["lang", *[row_label[k] for k in rows_keys if k is not None]], m_rows,
-               f"Per-language change against the base model in points, with the exact McNemar p-value; * and "
-               f"bold: p < {alpha} after Holm correction over the {len(langs)} languages of a setting. "
-               f"{DAGGER}: seen in training.", f"mcnemar_{tag}", m_csv)
-    doc.table(t4)
-    exported.append(t4)
-    doc.img(_heatmap(fig_dir / f"heatmap_{tag}.png", heat_rows, langs, heat_vals,
-                     f"Accuracy (%): {task}, {mode} labels"), f"Accuracy heat map, {heading}")
-    if delta_vals:
-        doc.img(_heatmap(fig_dir / f"delta_{tag}.png", heat_rows[1:], langs, delta_vals,
-                         f"Change against the base (points): {task}, {mode} labels", diverging=True),
-                f"Accuracy change against the base model, {heading}")
+            cells.append(Cell(f"{_pct(t.delta, True)} ({_p(t.p_exact)}{'*' if t.significant else ''})",
+                              bold=t.significant, mark=DAGGER if lang in c.seen else ""))
+            csv_rows.append({"setting": c.setting, "lang": lang, "n": t.n, "base_only": t.base_only,
+                             "setting_only": t.setting_only, "delta": round(t.delta, 4), "p_exact": t.p_exact,
+                             "p_mid": t.p_mid, "p_holm": t.p_holm, "significant": t.significant})
+        columns.append(cells)
+    rows = [[Cell(lang)] + [col[i] for col in columns] for i, lang in enumerate(grid.langs)]
+    return Table(["lang", *[grid.label[c.setting] for c in comparisons]], rows,
+                 f"Per-language change against the base model in points, with the exact McNemar p-value; * and "
+                 f"bold: p < {view.alpha} after Holm correction over the {len(grid.langs)} languages of a setting. "
+                 f"{DAGGER}: seen in training.", f"mcnemar_{grid.tag}", csv_rows)
+
+
+def _verdict(view: RunView, sec: EvalSection, grid: AccuracyGrid, c: Comparison) -> str | None:
+    """The summary's line for a setting: the average's change, its CI, and the significant languages."""
+    v = c.groups.get("all")
+    if v is None:
+        return None
+    gains = sum(t.significant and t.setting_only > t.base_only for t in c.tests.values())
+    losses = sum(t.significant and t.base_only > t.setting_only for t in c.tests.values())
+    if v.ci_low > 0:
+        what = "a gain: the 95% CI lies above zero"
+    elif v.ci_high < 0:
+        what = "a loss: the 95% CI lies below zero"
+    else:
+        what = "no clear change: the 95% CI includes zero"
+    base_avg, set_avg = grid.mean(None, grid.langs), grid.mean(c.setting, grid.langs)
+    line = (f"{sec.task}, {sec.mode} labels{f', {sec.model}' if sec.multi else ''}: **{grid.label[c.setting]}** "
+            f"moves the average over {v.n_langs} languages from {_pct(base_avg)} to {_pct(set_avg)} "
+            f"({_pct(v.delta, True)} points, 95% CI [{_pct(v.ci_low, True)}, {_pct(v.ci_high, True)}]), {what}. "
+            f"Per language, McNemar finds {gains} significant gain{'s' if gains != 1 else ''} and {losses} "
+            f"significant loss{'es' if losses != 1 else ''} among {len(c.tests)} (Holm-corrected, α = {view.alpha}).")
+    seen, unseen = c.groups.get("seen"), c.groups.get("unseen")
+    if seen and unseen:       # (from the deltas as the CSV rounds them, as the report always has)
+        s_, u_ = ([_pct(round(x, 4), True) for x in (g.delta, g.ci_low, g.ci_high)] for g in (seen, unseen))
+        line += (f" On its {seen.n_langs} seen languages: {s_[0]} [{s_[1]}, {s_[2]}]; on the "
+                 f"{unseen.n_langs} unseen ones: {u_[0]} [{u_[1]}, {u_[2]}] points.")
+    return line
 
 
 def _p(p: float) -> str:
@@ -742,11 +869,11 @@ def _p(p: float) -> str:
     return f"p={p:.3f}".replace("0.", ".", 1)
 
 
-def _train_row(step: dict, folder: Path, summ: dict) -> dict:
+def _train_row(step: dict, folder: Path, summ: TrainSummary | None) -> dict:
     row = {"step": step["label"], "model": step.get("model") or "", "setting": step.get("setting") or ""}
-    log = read_jsonl(folder / "train_log.jsonl")
-    train_losses = [r for r in log if "loss" in r and "eval_loss" not in r]
-    evals = [r for r in log if "eval_loss" in r]
+    train_log = read_jsonl(folder / "train_log.jsonl")
+    train_losses = [r for r in train_log if "loss" in r and "eval_loss" not in r]
+    evals = [r for r in train_log if "eval_loss" in r]
     if train_losses:
         row["first loss"] = f"{float(train_losses[0]['loss']):.3f}"
         row["final loss"] = f"{float(train_losses[-1]['loss']):.3f}"
@@ -755,16 +882,14 @@ def _train_row(step: dict, folder: Path, summ: dict) -> dict:
             row["epochs"] = f"{float(train_losses[-1]['epoch']):.2f}"
     if evals:
         row["final eval loss"] = f"{float(evals[-1]['eval_loss']):.3f}"
-    for key, name in (("train_examples", "train pairs"), ("n_train", "train pairs"), ("train_pairs", "train pairs"),
-                      ("seconds", "seconds"), ("train_seconds", "seconds"), ("wall_s", "seconds")):
-        if key in summ and name not in row:
-            v = summ[key]
-            row[name] = f"{v:.0f}" if isinstance(v, float) else v
-    if "final eval loss" not in row:
-        for key in ("eval_loss", "final_eval_loss", "best_eval_loss"):
-            if isinstance(summ.get(key), (int, float)):
-                row["final eval loss"] = f"{summ[key]:.3f}"
-                break
+    if summ is None:
+        return row
+    if summ.examples is not None:
+        row["train pairs"] = summ.examples
+    if summ.seconds is not None:
+        row["seconds"] = f"{summ.seconds:.0f}" if isinstance(summ.seconds, float) else summ.seconds
+    if "final eval loss" not in row and isinstance(summ.final_eval_loss, (int, float)):
+        row["final eval loss"] = f"{summ.final_eval_loss:.3f}"
     return row
 
 

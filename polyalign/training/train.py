@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import random
 import resource
 import shutil
-import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -50,6 +50,8 @@ from polyalign.store import (RunRecord, append_lines, atomic_folder, atomic_path
 
 # Keys that may differ between a run and its resumption (they change neither the data nor the maths).
 NON_SEMANTIC = {"device", "threads", "save_steps", "save_total_limit"}
+log = logging.getLogger(__name__)
+STATUS = {"stderr": True}     # logging extra: the CLI shows train's status lines on stderr, as it always has
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -461,7 +463,61 @@ def _accelerator(mixed_precision: str, n_micro: int, cpu: bool):
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=n_micro, cpu=cpu)
 
 
+@dataclass
+class TrainSummary:
+    """A finished run's summary.json: `train` writes it through this record and `polyalign report` reads it
+    through the same one, so that the two cannot disagree on a key. None = not known (an older file)."""
+    train_tokens: int | None = None           # prompt and target tokens of the training steps
+    target_tokens: int | None = None
+    seconds: float | None = None              # time in the training steps
+    tokens_per_s: float | None = None
+    cpu_seconds: float | None = None          # this process's CPU time in the training steps (all threads)
+    final_eval_loss: float | None = None
+    truncated: int | None = None              # pairs cut to the cutoff
+    steps: int | None = None
+    epochs: float | None = None
+    examples: int | None = None               # training pairs
+    val_examples: int | None = None           # validation pairs
+    final_train_loss: float | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    world_size: int | None = None
+    fast_loss: bool | None = None
+    resumed_from: int | None = None
+    wall_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    adapter: str | None = None
+    merged: str | None = None
+    data: str | None = None
+
+    FILE = "summary.json"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSummary":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def write(self, folder: Path) -> None:
+        write_json(Path(folder) / self.FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, folder: Path) -> "TrainSummary | None":
+        """The summary in `folder`, or None when there is none or it does not parse."""
+        path = Path(folder) / cls.FILE
+        try:
+            d = json.loads(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return cls.from_dict(d) if isinstance(d, dict) else None
+
+
 def train(cfg: TrainConfig) -> dict:
+    """Train (or resume, or find finished) the run of `cfg`; returns its TrainSummary as a dict ({"rank": r} on
+    processes other than the first)."""
     if not cfg.data:
         raise PolyalignError("--data is required (a `polyalign prepare` folder or a file of pairs)")
     if not cfg.output:
@@ -494,58 +550,150 @@ def train(cfg: TrainConfig) -> dict:
     mode = _check_output(out, resolved, cfg.resume)
     state.wait_for_everyone()      # no process may write before all have looked
     if mode == "done":
-        summary = json.loads((out / "summary.json").read_text("utf-8"))
+        summary = TrainSummary.read(out) or TrainSummary()
         if cfg.merge and not (out / "merged" / "config.json").exists() and rank == 0:
             _merge_saved(out, hp)
-            summary["merged"] = str(out / "merged")
+            summary.merged = str(out / "merged")
         if rank == 0:
-            print(f"train: {out} already holds this finished run (final eval loss "
-                  f"{summary.get('final_eval_loss')}); nothing to do", file=sys.stderr)
-        return summary
+            log.info("train: %s already holds this finished run (final eval loss %s); nothing to do",
+                     out, summary.final_eval_loss, extra=STATUS)
+        return summary.to_dict()
 
     threads_before = torch.get_num_threads()
     if hp["threads"]:
         torch.set_num_threads(hp["threads"])
     try:
-        return _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, state, cpu)
+        return _train_run(cfg, hp, resolved, _Pairs(train_recs, val_recs, data_desc), out, mode, state, cpu)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, state, cpu) -> dict:
+# The stages of a run, in the manner of torchtune's recipes: _train_run sets up (precision and accelerator,
+# model and data, LoRA, loss, optimizer and schedule), restores or starts the run folder, then loops over
+# optimizer steps and finishes (adapter, loss plot, summary). The records below carry what one stage hands
+# to the next.
+@dataclass
+class _Pairs:
+    """The training data as load_pairs read it."""
+    train: list[dict]
+    val: list[dict]
+    desc: str
+
+
+@dataclass
+class _Schedule:
+    """How many optimizer steps, and when to log, evaluate and save."""
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    eval_every: int
+    save_every: int
+
+
+@dataclass
+class _Setup:
+    """Everything the loop needs, built by the setup stages."""
+    accelerator: object
+    device: object
+    dtype: object                 # the compute dtype (torch)
+    mixed_precision: str          # accelerate's name for it: "bf16", "fp16" or "no"
+    world: int
+    rank: int
+    n_micro: int                  # micro-batches per process and optimizer step
+    wall_start: float
+    tokenizer: object = None
+    pad: int = 0
+    train_ex: list[Example] = field(default_factory=list)
+    val_ex: list[Example] = field(default_factory=list)
+    truncated: int = 0
+    peft_model: object = None
+    fast: bool = False            # the chunked loss at target positions (checked against the model's own)
+    chunk: int = 0
+    wrapped: object = None        # the loss model as accelerate prepared it
+    trainable: list = field(default_factory=list)
+    names: list[str] = field(default_factory=list)    # the adapter's parameter names (checkpoints)
+    optimizer: object = None
+    scheduler: object = None
+    schedule: _Schedule | None = None
+
+
+@dataclass
+class _Progress:
+    """The counters of a run: what a checkpoint's state.json holds, and what the summary reports."""
+    step: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    train_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    acc: dict = field(default_factory=lambda: {"loss": 0.0, "targets": 0, "steps": 0})   # since the last log line
+    resumed_from: int | None = None
+
+    def state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens,
+                "train_seconds": self.train_seconds, "cpu_seconds": self.cpu_seconds, "acc": self.acc}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "_Progress":
+        return cls(st["step"], st["tokens"], st["target_tokens"], st["train_seconds"], st.get("cpu_seconds", 0.0),
+                   st["acc"], resumed_from=st["step"])
+
+
+def _train_run(cfg: TrainConfig, hp: dict, resolved: dict, data: _Pairs, out: Path, mode: str, state,
+               cpu: bool) -> dict:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        s = _setup_precision(hp, state, cpu)
+        model = _setup_model_and_data(s, hp, data, cfg.progress)
+        _setup_lora(s, hp, model)
+        _setup_loss(s, hp)
+        _setup_optimizer(s, hp)
+        prog = _start_run_folder(s, hp, resolved, out, mode)
+        last_eval = _loop(s, hp, prog, out, cfg.progress)
+        return _finish(s, hp, prog, last_eval, out, cfg.merge, data.desc)
+
+
+def _setup_precision(hp: dict, state, cpu: bool) -> _Setup:
     import torch
+    from polyalign.models import resolve_dtype
 
     world, rank = state.num_processes, state.process_index
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    from polyalign.models import load_model, resolve_dtype
-
     per_rank = hp["batch_size"] // world
     n_micro = math.ceil(per_rank / hp["micro_batch_size"])
     dtype = resolve_dtype(hp["dtype"], state.device)
     mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     accelerator = _accelerator(mp, n_micro, cpu)
-    device = accelerator.device
-    wall_start = time.time()
+    return _Setup(accelerator, accelerator.device, dtype, mp, world, rank, n_micro, time.time())
 
-    lm = load_model(hp["model"], {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), str(device),
-                    progress=cfg.progress)
+
+def _setup_model_and_data(s: _Setup, hp: dict, data: _Pairs, progress: bool):
+    """Load the model and tokenize the pairs (prompt tokens, then target tokens + eos); returns the model."""
+    import torch
+    from polyalign.models import load_model
+
+    lm = load_model(hp["model"], {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(s.dtype, "fp32"),
+                    str(s.device), progress=progress)
     tok = lm.tokenizer
     if tok.eos_token_id is None:
         raise PolyalignError(f"model {hp['model']!r} has no eos token; cannot end the targets")
-    truncated = 0
     encoded = []
-    for recs in (train_recs, val_recs):
+    for recs in (data.train, data.val):
         exs = []
         for r in recs:
             ids, start, cut = encode_pair(tok, r["input"], r["output"], hp["cutoff"], hp["chat_template"])
-            truncated += cut
+            s.truncated += cut
             exs.append(Example(ids, start))
         encoded.append(exs)
-    train_ex, val_ex = encoded
+    s.train_ex, s.val_ex = encoded
+    s.tokenizer = tok
+    s.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    lm.model.config.use_cache = False
+    return lm.model
 
-    model = lm.model
-    model.config.use_cache = False
+
+def _setup_lora(s: _Setup, hp: dict, model) -> None:
+    import torch
     from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(hp["seed"])
     random.seed(hp["seed"])
     lora = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
@@ -562,161 +710,196 @@ def _train_run(cfg, hp, resolved, data_desc, train_recs, val_recs, out, mode, st
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
     peft_model.train()
-    vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
-    chunk = hp["loss_chunk"] or max(32, (1 << 26) // vocab)
-    fast = _fast_loss_ok(peft_model, train_ex[0], chunk, device, dtype, tok.pad_token_id)
-    loss_model = make_loss_model(peft_model, chunk, fast)
-    trainable = [p for p in loss_model.parameters() if p.requires_grad]
-    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    fused = {"fused": True} if device.type in ("cuda", "cpu") and _fused_ok() else {}
-    optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], betas=(hp["adam_beta1"], hp["adam_beta2"]),
+    s.peft_model = peft_model
+
+
+def _setup_loss(s: _Setup, hp: dict) -> None:
+    vocab = s.peft_model.get_base_model().get_output_embeddings().weight.shape[0]
+    s.chunk = hp["loss_chunk"] or max(32, (1 << 26) // vocab)
+    s.fast = _fast_loss_ok(s.peft_model, s.train_ex[0], s.chunk, s.device, s.dtype, s.tokenizer.pad_token_id)
+
+
+def _setup_optimizer(s: _Setup, hp: dict) -> None:
+    """AdamW and the schedule, then accelerate's wrapping of the loss model and optimizer."""
+    import torch
+    from transformers import get_scheduler
+
+    loss_model = make_loss_model(s.peft_model, s.chunk, s.fast)
+    s.trainable = [p for p in loss_model.parameters() if p.requires_grad]
+    s.names = [n for n, p in s.peft_model.named_parameters() if p.requires_grad]
+    fused = {"fused": True} if s.device.type in ("cuda", "cpu") and _fused_ok() else {}
+    optimizer = torch.optim.AdamW(s.trainable, lr=hp["lr"], betas=(hp["adam_beta1"], hp["adam_beta2"]),
                                   eps=hp["adam_epsilon"], weight_decay=hp["weight_decay"], **fused)
-    steps_per_epoch = math.ceil(len(train_ex) / hp["batch_size"])
+    steps_per_epoch = math.ceil(len(s.train_ex) / hp["batch_size"])
     total = hp["max_steps"] or math.ceil(hp["epochs"] * steps_per_epoch)
     warmup = math.ceil(total * hp["warmup_ratio"])
-    from transformers import get_scheduler
-    scheduler = get_scheduler(SCHEDULERS[hp["scheduler"]], optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total)
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    s.scheduler = get_scheduler(SCHEDULERS[hp["scheduler"]], optimizer, num_warmup_steps=warmup,
+                                num_training_steps=total)
+    ds = getattr(s.accelerator.state, "deepspeed_plugin", None)
     if ds is not None:   # DeepSpeed cannot infer the micro-batch size without a DataLoader
         conf = ds.deepspeed_config
         if conf.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             conf["train_micro_batch_size_per_gpu"] = hp["micro_batch_size"]
         if conf.get("train_batch_size", "auto") == "auto":
-            conf["train_batch_size"] = hp["micro_batch_size"] * n_micro * world
-    wrapped, optimizer = accelerator.prepare(loss_model, optimizer)
+            conf["train_batch_size"] = hp["micro_batch_size"] * s.n_micro * s.world
+    s.wrapped, s.optimizer = s.accelerator.prepare(loss_model, optimizer)
+    s.schedule = _Schedule(steps_per_epoch, total, warmup, eval_every=hp["eval_steps"] or max(1, total // 10),
+                           save_every=hp["save_steps"] or max(1, min(50, total // 20)))
 
-    eval_every = hp["eval_steps"] or max(1, total // 10)
-    save_every = hp["save_steps"] or max(1, min(50, total // 20))
-    derived = {"steps": total, "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch, "world_size": world,
-               "micro_batches_per_step": n_micro, "fast_loss": fast, "loss_chunk": chunk,
-               "mixed_precision": mp}
 
-    # ---- state: fresh or from the last checkpoint
-    step, tokens, target_tokens, train_seconds, cpu_seconds = 0, 0, 0, 0.0, 0.0
-    acc = {"loss": 0.0, "targets": 0, "steps": 0}
-    resumed_from = None
+def _start_run_folder(s: _Setup, hp: dict, resolved: dict, out: Path, mode: str) -> _Progress:
+    """A fresh run writes config.yaml and an empty log; a resumed one restores its last checkpoint and
+    cuts the log back to it."""
+    sch = s.schedule
+    derived = {"steps": sch.total, "warmup_steps": sch.warmup, "steps_per_epoch": sch.steps_per_epoch,
+               "world_size": s.world, "micro_batches_per_step": s.n_micro, "fast_loss": s.fast,
+               "loss_chunk": s.chunk, "mixed_precision": s.mixed_precision}
+    prog = _Progress()
     ckpts = _checkpoints(out) if mode == "resume" else []
     if ckpts:
-        st = _load_checkpoint(ckpts[-1], accelerator, peft_model, names, optimizer, scheduler)
-        step, tokens, target_tokens = st["step"], st["tokens"], st["target_tokens"]
-        train_seconds, acc, cpu_seconds = st["train_seconds"], st["acc"], st.get("cpu_seconds", 0.0)
-        resumed_from = step
-    if rank == 0:
+        prog = _Progress.from_state(_load_checkpoint(ckpts[-1], s.accelerator, s.peft_model, s.names,
+                                                     s.optimizer, s.scheduler))
+    if s.rank == 0:
         if mode == "fresh":
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / "config.yaml", yaml.safe_dump({**resolved, "derived": derived}, sort_keys=False,
                                                              allow_unicode=True))
             write_jsonl(out / "train_log.jsonl", [])
         else:
-            log = [r for r in read_jsonl(out / "train_log.jsonl", repair=True) if r.get("step", 0) <= step]
-            write_jsonl(out / "train_log.jsonl", log)
-        print(f"train: {len(train_ex)} pairs ({len(val_ex)} val), {total} steps of {hp['batch_size']} "
-              f"({n_micro} x {hp['micro_batch_size']} per process, {world} process(es)), {device}, "
-              f"{mp if mp != 'no' else 'fp32'}" + (f"; resuming at step {step}" if resumed_from else ""),
-              file=sys.stderr)
-    accelerator.wait_for_everyone()
+            kept = [r for r in read_jsonl(out / "train_log.jsonl", repair=True) if r.get("step", 0) <= prog.step]
+            write_jsonl(out / "train_log.jsonl", kept)
+        mp = s.mixed_precision
+        log.info("train: %d pairs (%d val), %d steps of %d (%d x %d per process, %d process(es)), %s, %s%s",
+                 len(s.train_ex), len(s.val_ex), sch.total, hp["batch_size"], s.n_micro, hp["micro_batch_size"],
+                 s.world, s.device, mp if mp != "no" else "fp32",
+                 f"; resuming at step {prog.step}" if prog.resumed_from else "", extra=STATUS)
+    s.accelerator.wait_for_everyone()
+    return prog
 
+
+def _loop(s: _Setup, hp: dict, prog: _Progress, out: Path, progress: bool) -> float | None:
+    """The optimizer steps from prog.step to the end; returns the last validation loss (None if none ran)."""
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not cfg.progress or rank != 0)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    perm_epoch, perm = -1, None
+
+    sch = s.schedule
+    bar = tqdm(total=sch.total, initial=prog.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not progress or s.rank != 0)
     last_eval = None
     try:
-        while step < total:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:
-                g = torch.Generator().manual_seed(hp["seed"] + epoch)
-                perm, perm_epoch = torch.randperm(len(train_ex), generator=g).tolist(), epoch
-            idx = perm[within * hp["batch_size"]:(within + 1) * hp["batch_size"]]
-            step_targets = sum(train_ex[i].n_target for i in idx)
-            t0, c0 = time.perf_counter(), time.process_time()
-            lr_now = scheduler.get_last_lr()[0]
-            mine = torch.zeros(2, dtype=torch.float64, device=device)
-            grad_norm = None
-            for members, weight in plan_step(idx, train_ex, world, rank, hp["micro_batch_size"], n_micro):
-                with accelerator.accumulate(wrapped):
-                    batch = collate([train_ex[i] for i in members], pad, device)
-                    loss_sum = wrapped(*batch)
-                    # Per-token loss over the whole step (all processes); DDP averages, accumulate divides.
-                    accelerator.backward(loss_sum * (weight * world * n_micro / step_targets))
-                    mine[0] += float(loss_sum.detach()) * weight
-                    if accelerator.sync_gradients and hp["max_grad_norm"] > 0:
-                        gn = accelerator.clip_grad_norm_(trainable, hp["max_grad_norm"])
-                        grad_norm = float(gn) if gn is not None else None
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            train_seconds += time.perf_counter() - t0
-            cpu_seconds += time.process_time() - c0
-            tokens += sum(len(train_ex[i].ids) for i in idx)
-            target_tokens += step_targets
-            step_loss = float(accelerator.reduce(mine, "sum")[0]) if world > 1 else float(mine[0])
-            acc["loss"] += step_loss
-            acc["targets"] += step_targets
-            acc["steps"] += 1
+        while prog.step < sch.total:
+            lr_now, grad_norm = _optimizer_step(s, hp, prog, _step_indices(prog.step, len(s.train_ex), hp, sch))
             bar.update(1)
-            epoch_f = round(step / steps_per_epoch, 4)
-            if step % hp["logging_steps"] == 0 or step == total:
-                rec = {"step": step, "epoch": epoch_f, "loss": acc["loss"] / max(acc["targets"], 1), "lr": lr_now,
-                       "tokens": tokens, "grad_norm": grad_norm, "seconds": round(train_seconds, 3)}
-                acc = {"loss": 0.0, "targets": 0, "steps": 0}
-                if rank == 0:
+            epoch_f = round(prog.step / sch.steps_per_epoch, 4)
+            if prog.step % hp["logging_steps"] == 0 or prog.step == sch.total:
+                rec = {"step": prog.step, "epoch": epoch_f, "loss": prog.acc["loss"] / max(prog.acc["targets"], 1),
+                       "lr": lr_now, "tokens": prog.tokens, "grad_norm": grad_norm,
+                       "seconds": round(prog.train_seconds, 3)}
+                prog.acc = {"loss": 0.0, "targets": 0, "steps": 0}
+                if s.rank == 0:
                     append_lines(out / "train_log.jsonl", [rec])
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if val_ex and (step % eval_every == 0 or step == total):
-                last_eval = evaluate_loss(wrapped, val_ex, world, rank, hp["micro_batch_size"], pad, device,
-                                          accelerator)
-                if rank == 0:
-                    append_lines(out / "train_log.jsonl", [{"step": step, "epoch": epoch_f, "eval_loss": last_eval}])
-                    bar.write(f"step {step}: eval loss {last_eval:.4f}")
-            if step % save_every == 0 and step < total:
-                _save_checkpoint(out, step, accelerator, peft_model, names, optimizer, scheduler,
-                                 {"step": step, "tokens": tokens, "target_tokens": target_tokens,
-                                  "train_seconds": train_seconds, "cpu_seconds": cpu_seconds, "acc": acc},
-                                 hp["save_total_limit"])
+            if s.val_ex and (prog.step % sch.eval_every == 0 or prog.step == sch.total):
+                last_eval = _validation_loss(s, hp)
+                if s.rank == 0:
+                    append_lines(out / "train_log.jsonl", [{"step": prog.step, "epoch": epoch_f,
+                                                            "eval_loss": last_eval}])
+                    log.info("step %d: eval loss %.4f", prog.step, last_eval, extra=STATUS)
+            if prog.step % sch.save_every == 0 and prog.step < sch.total:
+                _save_checkpoint(out, prog.step, s.accelerator, s.peft_model, s.names, s.optimizer, s.scheduler,
+                                 prog.state(), hp["save_total_limit"])
     except KeyboardInterrupt:
-        if rank == 0:
-            print(f"train: interrupted at step {step}; rerun the same command with --resume to continue "
-                  f"from the last checkpoint", file=sys.stderr)
+        if s.rank == 0:
+            log.warning("train: interrupted at step %d; rerun the same command with --resume to continue "
+                        "from the last checkpoint", prog.step)
         raise
     finally:
         bar.close()
+    if s.val_ex and last_eval is None:   # a resumed run that had nothing left to do
+        last_eval = _validation_loss(s, hp)
+    return last_eval
 
-    if val_ex and last_eval is None:   # a resumed run that had nothing left to do
-        last_eval = evaluate_loss(wrapped, val_ex, world, rank, hp["micro_batch_size"], pad, device, accelerator)
-    accelerator.wait_for_everyone()
-    sharded = _sharded(accelerator)
+
+def _step_indices(step: int, n: int, hp: dict, sch: _Schedule) -> list[int]:
+    """The examples of optimizer step `step`: one random permutation per epoch (seeded by the epoch, so
+    that a resumed run draws the same ones), cut into batches."""
+    import torch
+
+    epoch, within = divmod(step, sch.steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp["seed"] + epoch)).tolist()
+    return perm[within * hp["batch_size"]:(within + 1) * hp["batch_size"]]
+
+
+def _optimizer_step(s: _Setup, hp: dict, prog: _Progress, idx: list[int]) -> tuple[float, float | None]:
+    """One optimizer step over the examples `idx` (all processes); updates prog; (lr used, grad norm)."""
+    import torch
+
+    step_targets = sum(s.train_ex[i].n_target for i in idx)
+    t0, c0 = time.perf_counter(), time.process_time()
+    lr_now = s.scheduler.get_last_lr()[0]
+    mine = torch.zeros(2, dtype=torch.float64, device=s.device)
+    grad_norm = None
+    for members, weight in plan_step(idx, s.train_ex, s.world, s.rank, hp["micro_batch_size"], s.n_micro):
+        with s.accelerator.accumulate(s.wrapped):
+            batch = collate([s.train_ex[i] for i in members], s.pad, s.device)
+            loss_sum = s.wrapped(*batch)
+            # Per-token loss over the whole step (all processes); DDP averages, accumulate divides.
+            s.accelerator.backward(loss_sum * (weight * s.world * s.n_micro / step_targets))
+            mine[0] += float(loss_sum.detach()) * weight
+            if s.accelerator.sync_gradients and hp["max_grad_norm"] > 0:
+                gn = s.accelerator.clip_grad_norm_(s.trainable, hp["max_grad_norm"])
+                grad_norm = float(gn) if gn is not None else None
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+    s.scheduler.step()
+    prog.step += 1
+    prog.train_seconds += time.perf_counter() - t0
+    prog.cpu_seconds += time.process_time() - c0
+    prog.tokens += sum(len(s.train_ex[i].ids) for i in idx)
+    prog.target_tokens += step_targets
+    step_loss = float(s.accelerator.reduce(mine, "sum")[0]) if s.world > 1 else float(mine[0])
+    prog.acc["loss"] += step_loss
+    prog.acc["targets"] += step_targets
+    prog.acc["steps"] += 1
+    return lr_now, grad_norm
+
+
+def _validation_loss(s: _Setup, hp: dict) -> float:
+    return evaluate_loss(s.wrapped, s.val_ex, s.world, s.rank, hp["micro_batch_size"], s.pad, s.device,
+                         s.accelerator)
+
+
+def _finish(s: _Setup, hp: dict, prog: _Progress, last_eval: float | None, out: Path, merge: bool,
+            data_desc: str) -> dict:
+    """Save the adapter (gathered first when sharded), draw the losses, merge if asked, write summary.json."""
+    s.accelerator.wait_for_everyone()
+    sharded = _sharded(s.accelerator)
     # A full state dict (collective under FSDP / DeepSpeed; plain references otherwise).
-    full = accelerator.get_state_dict(wrapped) if sharded else None
+    full = s.accelerator.get_state_dict(s.wrapped) if sharded else None
     summary = None
-    if rank == 0:
-        unwrapped = accelerator.unwrap_model(wrapped).model
+    if s.rank == 0:
+        unwrapped = s.accelerator.unwrap_model(s.wrapped).model
         _save_adapter(unwrapped, out, full)
-        log = read_jsonl(out / "train_log.jsonl")
-        plot_losses(log, out / "loss.png", title=out.name)
-        summary = {
-            "train_tokens": tokens, "target_tokens": target_tokens, "seconds": round(train_seconds, 3),
-            "tokens_per_s": round(tokens / train_seconds, 2) if train_seconds else None,
-            "cpu_seconds": round(cpu_seconds, 3),   # this process's CPU time in the training steps (all threads)
-            "final_eval_loss": last_eval, "truncated": truncated, "steps": total,
-            "epochs": round(total / steps_per_epoch, 4), "examples": len(train_ex), "val_examples": len(val_ex),
-            "final_train_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
-            "model": hp["model"], "device": str(device), "dtype": mp if mp != "no" else "fp32",
-            "world_size": world, "fast_loss": fast, "resumed_from": resumed_from,
-            "wall_seconds": round(time.time() - wall_start, 3), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "adapter": str(out), "merged": None, "data": data_desc,
-        }
-        if cfg.merge:
-            _merge_saved(out, hp) if sharded else _merge_in_place(unwrapped, tok, out)
-            summary["merged"] = str(out / "merged")
-        write_json(out / "summary.json", summary)
-        print(f"train: done, {tokens} tokens in {train_seconds:.1f} s ({summary['tokens_per_s']} tokens/s), "
-              f"final eval loss {last_eval}; adapter in {out}", file=sys.stderr)
-    accelerator.wait_for_everyone()
-    return summary if summary is not None else {"rank": rank}
+        records = read_jsonl(out / "train_log.jsonl")
+        plot_losses(records, out / "loss.png", title=out.name)
+        mp, total, tokens, train_seconds = s.mixed_precision, s.schedule.total, prog.tokens, prog.train_seconds
+        summary = TrainSummary(
+            train_tokens=tokens, target_tokens=prog.target_tokens, seconds=round(train_seconds, 3),
+            tokens_per_s=round(tokens / train_seconds, 2) if train_seconds else None,
+            cpu_seconds=round(prog.cpu_seconds, 3), final_eval_loss=last_eval, truncated=s.truncated, steps=total,
+            epochs=round(total / s.schedule.steps_per_epoch, 4), examples=len(s.train_ex),
+            val_examples=len(s.val_ex),
+            final_train_loss=next((r["loss"] for r in reversed(records) if "loss" in r), None),
+            model=hp["model"], device=str(s.device), dtype=mp if mp != "no" else "fp32", world_size=s.world,
+            fast_loss=s.fast, resumed_from=prog.resumed_from, wall_seconds=round(time.time() - s.wall_start, 3),
+            peak_rss_mb=round(_peak_rss_mb(), 1), adapter=str(out), merged=None, data=data_desc)
+        if merge:
+            _merge_saved(out, hp) if sharded else _merge_in_place(unwrapped, s.tokenizer, out)
+            summary.merged = str(out / "merged")
+        summary.write(out)
+        log.info("train: done, %d tokens in %.1f s (%s tokens/s), final eval loss %s; adapter in %s",
+                 tokens, train_seconds, summary.tokens_per_s, last_eval, out, extra=STATUS)
+    s.accelerator.wait_for_everyone()
+    return summary.to_dict() if summary is not None else {"rank": s.rank}
 
 
 def _fused_ok() -> bool:
@@ -737,13 +920,12 @@ def _fast_loss_ok(peft_model, ex: Example, chunk: int, device, dtype, pad) -> bo
                                                     tgts, reduction="sum")
             fast = make_loss_model(peft_model, chunk, True)(ids, rows, cols, tgts)
     except Exception as e:  # an architecture the fast path does not fit
-        print(f"train: fast loss unavailable ({type(e).__name__}: {e}); using the model's full logits",
-              file=sys.stderr)
+        log.warning("train: fast loss unavailable (%s: %s); using the model's full logits", type(e).__name__, e)
         return False
     ok = abs(float(ref) - float(fast)) <= 2e-2 * max(1.0, abs(float(ref)))
     if not ok:
-        print(f"train: fast loss {float(fast):.4f} != model loss {float(ref):.4f}; using the model's full logits",
-              file=sys.stderr)
+        log.warning("train: fast loss %.4f != model loss %.4f; using the model's full logits", float(fast),
+                    float(ref))
     return ok
 
 
@@ -863,14 +1045,21 @@ def _merge_saved(out: Path, hp: dict) -> None:
     _merge_in_place(lm.model, lm.tokenizer, out)
 
 
-def plot_losses(log: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
+    """loss_figure of train_log.jsonl's records, written to `path` (atomically)."""
+    fig = loss_figure(records, title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
-    tr = [(r["step"], r["loss"]) for r in log if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+def loss_figure(records: list[dict], title: str = ""):
+    """Training and validation loss per optimizer step (a matplotlib Figure, outside pyplot)."""
+    from matplotlib.figure import Figure
+
+    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if tr:
         ax.plot(*zip(*tr), label="train", lw=1.2)
     if ev:
@@ -881,6 +1070,4 @@ def plot_losses(log: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    return fig
