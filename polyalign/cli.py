@@ -12,6 +12,9 @@ COMMANDS = {
     "evaluate": ("polyalign.evaluation.evaluate", "few-shot multilingual evaluation with constrained decoding"),
     "lens": ("polyalign.analysis.lens", "logit lens at the answer position: latent English vs target language, per layer"),
     "geometry": ("polyalign.analysis.geometry", "hidden-state geometry: PCA, Pearson of parallel items, cross-lingual alignment"),
+    # issue 13: language neurons and the tuned lens
+    "neurons": ("polyalign.analysis.neurons", "language-specific FFN neurons (LAPE): counts, overlaps, base vs adapter, deactivation"),
+    "tune-lens": ("polyalign.analysis.tuned_lens", "train a multilingual tuned lens (one affine translator per layer)"),
     "run": ("polyalign.experiment.run", "run an experiment file end to end (resumable): eval, prepare, train, analyses, report"),
     "report": ("polyalign.reporting.report", "paper-style report (Markdown, self-contained HTML, CSV, LaTeX) of a run folder"),
     "prepare": ("polyalign.training.prepare", "question-alignment training pairs (X -> target) from parallel or translated questions"),

@@ -92,3 +92,166 @@ def test_deactivation_removes_down_proj_columns(tiny_model_path, one_thread):
         after = mlp(x)                                     # the hook is gone again
     torch.testing.assert_close(hooked, manual, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(after, manual, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- LAPE
+def reference_lape(probs, filter_pct, top_rate, act_pct):
+    """Tang et al.'s selection written out neuron by neuron, in plain numpy and Python."""
+    L, n, K = probs.shape
+    flat = sorted(probs.ravel().tolist())
+    kth = lambda pct: flat[max(1, round(len(flat) * pct / 100)) - 1]  # noqa: E731
+    filt, bar = kth(filter_pct), kth(act_pct)
+    scored = []
+    for layer in range(L):
+        for i in range(n):
+            p = probs[layer, i]
+            if not (p > filt).any():
+                continue
+            q = p / p.sum()
+            scored.append((-sum(x * np.log(x) for x in q if x > 0), layer * n + i))
+    scored.sort()
+    kept = [flat_index for _, flat_index in scored[:round(L * n * top_rate)]]
+    return [sorted(divmod(f, n) for f in kept if probs[f // n, f % n, k] > bar) for k in range(K)]
+
+
+def _planted():
+    rng = np.random.default_rng(1)
+    probs = rng.uniform(0.2, 0.3, size=(2, 50, 3))
+    probs[0, 5] = [0.9, 0.01, 0.01]       # a zh neuron, say
+    probs[1, 7] = [0.01, 0.95, 0.01]
+    probs[1, 20] = [0.9, 0.01, 0.9]       # shared by languages 0 and 2
+    probs[0, 9] = 0.0                     # never fires: entropy 0, but dropped by the filter
+    return probs
+
+
+def test_lape_known_answer_and_reference():
+    from polyalign.analysis.neurons import lape_select
+    probs = _planted()
+    sel = lape_select(probs, 95, 0.03, 95)
+    got = [sorted((layer, i) for layer, idx in enumerate(per) for i in idx) for per in sel.neurons]
+    assert got == [[(0, 5), (1, 20)], [(1, 7)], [(1, 20)]]
+    assert got == reference_lape(probs, 95, 0.03, 95)
+    assert sel.kept == 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lape_matches_reference_on_random_matrices(seed):
+    from polyalign.analysis.neurons import lape_select
+    rng = np.random.default_rng(seed)
+    probs = rng.beta(0.5, 2.0, size=(4, 60, 5)) * (rng.uniform(size=(4, 60, 1)) < 0.9)
+    for args in ((95, 0.01, 95), (90, 0.05, 80), (99, 0.2, 50)):
+        sel = lape_select(probs, *args)
+        got = [sorted((layer, i) for layer, idx in enumerate(per) for i in idx) for per in sel.neurons]
+        assert got == reference_lape(probs, *args)
+
+
+def test_overlap_is_jaccard():
+    from polyalign.analysis.neurons import overlap_matrix
+    neurons = [[[1, 2, 3], [4]], [[2, 3], []], [[], []]]
+    m = overlap_matrix(neurons)
+    assert m[0, 1] == pytest.approx(2 / 4) and m[0, 0] == 1 and np.isnan(m[2, 2]) and m[0, 2] == 0
+    assert overlap_matrix(neurons, 1)[0, 1] == 0
+
+
+# ----------------------------------------------------------------------------- the command
+def _tiny_adapter(model_path, folder):
+    """A LoRA on the MLP's gate and up projections with non-zero weights: it changes the neurons."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["gate_proj", "up_proj"],
+                                           init_lora_weights=False))
+    peft.save_pretrained(folder)
+    return str(folder)
+
+
+def _cfg(model, out, **kw):
+    from polyalign.analysis.neurons import NeuronsConfig
+    base = dict(model=model, langs="en,de,zh", tokens_per_language=600, top_rate=0.05, output=str(out),
+                dtype="fp32", device="cpu", progress=False)
+    return NeuronsConfig(**{**base, **kw})
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_neurons_outputs_compare_and_resume(tiny_llama_path, tmp_path, one_thread, monkeypatch):
+    import csv
+    import json
+
+    from polyalign.analysis import neurons as N
+    adapter = _tiny_adapter(tiny_llama_path, tmp_path / "adapter")
+    full = N.run_neurons(_cfg(tiny_llama_path, tmp_path / "a", compare_adapter=adapter, seen="de,en"))
+    out = tmp_path / "a"
+    for name in ("neurons.json", "probabilities.npz", "counts.csv", "overlap.csv", "summary.json", "compare.csv",
+                 "compare_layers.csv", "neuron_counts_base.png", "neuron_overlap_base.png",
+                 "neuron_counts_adapter.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "neurons.json").read_text())
+    assert data["settings"]["top_rate"] == 0.05 and data["settings"]["filter_percentile"] == 95.0
+    # The saved lists are what LAPE selects from the saved probabilities.
+    with np.load(out / "probabilities.npz") as z:
+        probs = z["base/probabilities"]
+        assert (z["base/counts"] / z["tokens"] == probs).all()
+    ref = reference_lape(probs, 95, 0.05, 95)
+    for k, lang in enumerate(["en", "de", "zh"]):
+        listed = sorted((int(layer), i) for layer, idx in data["models"]["base"]["neurons"][lang].items() for i in idx)
+        assert listed == ref[k]
+    counts = list(csv.DictReader((out / "counts.csv").open()))
+    assert {(r["model"], r["lang"]) for r in counts} == {(m, lang) for m in ("base", "adapter") for lang in ("en", "de", "zh")}
+    rows = {r["lang"]: r for r in full["compare"]["languages"]}
+    assert rows["de"]["seen"] is True and rows["zh"]["seen"] is False
+    assert set(full["compare"]["groups"]) == {"seen", "unseen", "high"}
+    assert full["models"]["base"]["per_language"] != full["models"]["adapter"]["per_language"] or \
+        data["models"]["base"]["neurons"] != data["models"]["adapter"]["neurons"]
+
+    # Killed after the first language, then rerun: byte-identical outputs, only the rest computed.
+    calls = []
+    from polyalign.analysis import activations as A
+    real = A.count_activations
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(A, "count_activations", dying)
+    cfg = _cfg(tiny_llama_path, tmp_path / "b", compare_adapter=adapter, seen="de,en")
+    with pytest.raises(KeyboardInterrupt):
+        N.run_neurons(cfg)
+    monkeypatch.setattr(A, "count_activations", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls.clear()
+    N.run_neurons(cfg)
+    assert len(calls) == 5                       # 6 (model, language) parts, one saved before the kill
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:     # summary.json names its own --output folder; all else must be the same bytes
+        if name == "summary.json":
+            sa, sb = json.loads(a[name]), json.loads(b[name])
+            assert sa["config"].pop("output") != sb["config"].pop("output")
+            assert sa == sb
+        else:
+            assert a[name] == b[name], name
+
+
+def test_bad_input_is_one_line(tiny_llama_path, tmp_path, capsys):
+    import json
+
+    from polyalign import cli
+    from polyalign.analysis import neurons as N
+    base = ["neurons", "--model", tiny_llama_path, "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+    assert cli.main(base + ["--langs", "en,sw", "--tokens-per-language", "2000000", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'en'" in err and "10%" in err
+    for lang, texts in (("en", ["some English text here"] * 5), ("de", ["", " "])):
+        (tmp_path / f"{lang}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert cli.main(base + ["--langs", "en,de", "--data", str(tmp_path / "{lang}.jsonl"),
+                            "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no text in language 'de'" in err
+    assert cli.main(base + ["--top-rate", "2", "--output", str(tmp_path / "o")]) == 2
+    assert "--top-rate" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "parts").exists()
+    assert N.MIN_SHARE == 0.10
