@@ -123,3 +123,30 @@ def _normed(model, translators, hidden, final):
     from polyalign.engine.model_parts import final_norm
     with torch.no_grad():
         return torch.stack([final_norm(model)(translators(h, l)) for l, h in enumerate(hidden)])
+
+
+def test_lens_command_logit_tuned_both(tiny_llama_path, tmp_path, one_thread, capsys):
+    import csv
+
+    from polyalign import cli
+    from polyalign.analysis.lens import LensConfig, run_lens
+    lens_dir = tmp_path / "lens"
+    T.tune_lens(_cfg(tiny_llama_path, lens_dir, steps=2))
+    common = dict(model=tiny_llama_path, langs="de,zh", limit=4, dtype="fp32", device="cpu", progress=False)
+    logit = run_lens(LensConfig(**common, output=str(tmp_path / "logit")))
+    both = run_lens(LensConfig(**common, output=str(tmp_path / "both"), lens="both", tuned_lens=str(lens_dir)))
+    assert [m["label"] for m in both["models"]] == ["base", "base-tuned"]
+    rows = lambda out, label: [r for r in csv.DictReader((tmp_path / out / "lens.csv").open()) if r["model"] == label]  # noqa: E731
+    assert rows("both", "base") == rows("logit", "base")          # the logit lens is unchanged by --lens both
+    tuned, plain = rows("both", "base-tuned"), rows("logit", "base")
+    assert len(tuned) == len(plain)
+    last = max(int(r["layer"]) for r in plain)
+    for t, p in zip(tuned, plain):                                  # the last layer is the model's output
+        if int(t["layer"]) == last:
+            assert float(t["mean"]) == pytest.approx(float(p["mean"]), rel=1e-4, abs=1e-6)
+    assert any(t != p for t, p in zip(tuned, plain) if int(t["layer"]) < last)
+    base = ["lens", "--model", tiny_llama_path, "--langs", "de", "--output", str(tmp_path / "x"), "--no-progress"]
+    assert cli.main(base + ["--lens", "fancy"]) == 2
+    assert "unknown lens 'fancy'" in capsys.readouterr().err
+    assert cli.main(base + ["--lens", "tuned"]) == 2
+    assert "--tuned-lens" in capsys.readouterr().err

@@ -250,8 +250,9 @@ def lens_measures(model, states: torch.Tensor, columns: list[list[int]], chunk_r
 
 
 @torch.inference_mode()
-def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None) -> dict[str, np.ndarray]:
-    """The lens over one language's prompts -> per-sample arrays (all samples, excluded ones too)."""
+def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None, translators=None) -> dict[str, np.ndarray]:
+    """The lens over one language's prompts -> per-sample arrays (all samples, excluded ones too).
+    With `translators` (analysis.tuned_lens), the tuned lens instead of the logit lens."""
     columns = sets.columns()
     n, c = len(ps.prompts), len(sets.classes)
     out_sets = out_ent = None
@@ -260,7 +261,12 @@ def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None) -> dict[st
         suffixes = [p.suffix for p in group]
         last_hidden, hidden = runner.forward(prefix, suffixes, hidden_states=True)
         pos = torch.tensor([len(s) - 1 for s in suffixes], device=last_hidden.device)
-        states = answer_states(model, hidden, last_hidden, pos)
+        if translators is None:
+            states = answer_states(model, hidden, last_hidden, pos)
+        else:  # issue 13: the tuned lens
+            from polyalign.analysis.tuned_lens import tuned_states
+            states = tuned_states(model, translators, hidden, last_hidden,
+                                  torch.arange(len(suffixes), device=pos.device), pos)
         probs, ent = lens_measures(model, states, columns)
         if out_sets is None:
             out_sets = np.full((n, states.shape[1], len(columns)), np.nan, dtype=np.float64)
@@ -370,6 +376,8 @@ class LensConfig:
     trust_file_labels: bool = False
     recompute: bool = False
     progress: bool = True
+    lens: str = "logit"                 # issue 13: logit | tuned | both
+    tuned_lens: str | None = None       # folder written by `polyalign tune-lens`
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -383,6 +391,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep samples whose English and target token sets overlap (counted either way)")
     p.add_argument("--recompute", action="store_true",
                    help="ignore the per-language results a previous run left in --output/parts")
+    # issue 13: the tuned lens
+    p.add_argument("--lens", default="logit", help="logit, tuned (needs --tuned-lens) or both (side by side)")
+    p.add_argument("--tuned-lens", default=None, metavar="DIR", help="a lens trained by `polyalign tune-lens`")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -401,11 +412,13 @@ def run_lens(cfg: LensConfig) -> dict:
     langs = languages.parse_langs(cfg.langs)
     check_mode(cfg.labels)
     check_lengths(cfg.batch_tokens, cfg.max_length)
+    from polyalign.analysis.tuned_lens import check_lens_kind, lens_views
+    check_lens_kind(cfg.lens, cfg.tuned_lens)
     for lang in langs:  # cheap checks before any model loads
         task.demo_prefix(lang, cfg.labels)
         task.label_words(lang, "native")
         task.label_words(lang, "english")
-    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    specs, tuned = lens_views(model_specs(cfg.model, cfg.adapter, cfg.compare_adapter), cfg.lens, cfg.tuned_lens)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     for line in issues:
         print(f"data: {line}", file=sys.stderr)
@@ -421,7 +434,8 @@ def run_lens(cfg: LensConfig) -> dict:
     for spec in specs:
         for lang in langs:
             key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
-                            v=PART_VERSION, gold=[it["label"] for it in items[lang]])
+                            v=PART_VERSION, gold=[it["label"] for it in items[lang]],
+                            **({"tuned_lens": tuned[spec.label].fingerprint} if spec.label in tuned else {}))
             path = output / "parts" / spec.label / f"{lang}.npz"
             got = None if cfg.recompute else load_part(path, key)
             if got is not None:
@@ -431,19 +445,26 @@ def run_lens(cfg: LensConfig) -> dict:
     total = sum(len(items[lang]) for spec_todo in todo.values() for lang, _, _ in spec_todo)
     bar = tqdm(total=total, desc="lens", unit="item", disable=not cfg.progress or not total, dynamic_ncols=True)
     model_info = []
-    for spec in specs:
+    lm = None
+    for i, spec in enumerate(specs):
         info = {"label": spec.label, "model": spec.model, "adapter": spec.adapter,
                 "cached_langs": sorted(results[spec.label])}
+        if spec.label in tuned:
+            info["lens"], info["tuned_lens"] = "tuned", tuned[spec.label].folder
         if spec in todo:
-            lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+            if lm is None or (lm.name, lm.adapter) != (spec.model, spec.adapter):   # logit and tuned views share a load
+                lm = runner = None
+                release_memory()
+                lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
             runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
+            translators = tuned[spec.label].load(lm.model) if spec.label in tuned else None
             limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
             t0 = time.perf_counter()
             for lang, key, path in todo[spec]:
                 bar.set_postfix_str(f"{spec.label}/{lang}")
                 sets = lens_sets(lm.tokenizer, task, lang)
                 ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-                arrays = run_group(lm.model, runner, ps, sets, bar)
+                arrays = run_group(lm.model, runner, ps, sets, bar, translators)
                 tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
                           "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
                           "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
@@ -452,11 +473,12 @@ def run_lens(cfg: LensConfig) -> dict:
                 results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
             info.update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "seconds": round(time.perf_counter() - t0, 3)})
-            del lm, runner
-            release_memory()
+            del runner
         info["layers"] = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
         model_info.append(info)
     bar.close()
+    lm = None
+    release_memory()
     return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 

@@ -363,3 +363,43 @@ def _resume(out: Path, fingerprint: str, translators, opt, sched) -> int:
         from polyalign.store import write_jsonl
         write_jsonl(log, [r for r in read_jsonl(log, repair=True) if r["step"] <= step])
     return step
+
+
+# ============================================================================= use in `polyalign lens`
+def check_lens_kind(kind: str, folder: str | None) -> None:
+    if kind not in LENS_KINDS:
+        raise PolyalignError(f"unknown lens {kind!r}; use {', '.join(LENS_KINDS)}")
+    if kind != "logit":
+        if not folder:
+            raise PolyalignError(f"--lens {kind} needs --tuned-lens DIR (a folder written by `polyalign tune-lens`)")
+        if not Path(folder, "lens.safetensors").is_file():
+            raise PolyalignError(f"no tuned lens at {folder} (lens.safetensors missing); train one with "
+                                 f"`polyalign tune-lens`")
+
+
+@dataclass
+class TunedView:
+    """The tuned lens read on one model: its folder, a fingerprint of its file, a loader."""
+    folder: str
+    fingerprint: str
+
+    def load(self, model) -> Translators:
+        return load_translators(self.folder, model)[0]
+
+
+def lens_views(specs: list, kind: str, folder: str | None) -> tuple[list, dict[str, TunedView]]:
+    """The (model, lens) pairs `polyalign lens` reads: for `both`, each model's logit lens followed by
+    its tuned lens (labelled <model>-tuned), so that they are drawn side by side."""
+    from polyalign.analysis.lens import ModelSpec
+    if kind == "logit":
+        return specs, {}
+    import hashlib
+    view = TunedView(folder, hashlib.sha256(Path(folder, "lens.safetensors").read_bytes()).hexdigest()[:16])
+    out, tuned = [], {}
+    for s in specs:
+        if kind == "both":
+            out.append(s)
+        t = ModelSpec(f"{s.label}-tuned", s.model, s.adapter)
+        out.append(t)
+        tuned[t.label] = view
+    return out, tuned
