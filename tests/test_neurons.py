@@ -255,3 +255,48 @@ def test_bad_input_is_one_line(tiny_llama_path, tmp_path, capsys):
     assert "--top-rate" in capsys.readouterr().err
     assert not (tmp_path / "o" / "parts").exists()
     assert N.MIN_SHARE == 0.10
+
+
+def test_deactivation_matrix_and_fresh_caches(tiny_llama_path, tmp_path, one_thread, monkeypatch):
+    import json
+
+    from polyalign.analysis import neurons as N
+    from polyalign.analysis.activations import deactivated
+    from polyalign.engine import runner as R
+    from polyalign.evaluation.evaluate import EvalConfig, evaluate
+    from polyalign.store import read_jsonl
+
+    made = []
+    init = R.PrefixRunner.__init__
+    monkeypatch.setattr(R.PrefixRunner, "__init__", lambda self, *a, **k: (made.append(self), init(self, *a, **k))[1])
+    out = tmp_path / "n"
+    summary = N.run_neurons(_cfg(tiny_llama_path, out, langs="en,de", top_rate=0.2, deactivate=True,
+                                 eval_langs="en,de", eval_limit=6))
+    d = summary["deactivation"]
+    assert d["deactivated"] == ["en", "de"]
+    runs = sorted(p.name for p in (out / "deactivate").iterdir())
+    assert len(runs) == 5 and runs[-1].startswith("random-en")        # none, 2 languages, 2 controls
+    assert len(made) == 1 + 5                 # the counting runner, then a fresh evaluator per deactivation
+    acc = lambda folder: {r["lang"]: r["acc"] for r in json.loads((folder / "results.json").read_text())["rows"]}  # noqa: E731
+    folder = {name.rsplit("-", 1)[0]: out / "deactivate" / name for name in runs}
+    for lang in ("en", "de"):
+        for e in ("en", "de"):
+            assert d["change"][lang][e] == pytest.approx(acc(folder[lang])[e] - acc(folder["none"])[e])
+            assert d["random_change"][lang][e] == pytest.approx(acc(folder[f"random-{lang}"])[e] - acc(folder["none"])[e])
+    # The control zeroes as many neurons per layer as the language's set, other ones.
+    sel = json.loads((out / "neurons.json").read_text())["models"]["base"]["neurons"]["de"]
+    control = d["random_neurons"]["de"]
+    assert {k: len(v) for k, v in control.items()} == {k: len(v) for k, v in sel.items()} and control != sel
+    # A fresh model under the same hook scores exactly as the run did: no cache leaked between runs.
+    from polyalign.models import load_model
+    lm = load_model(tiny_llama_path, "fp32", "cpu", progress=False)
+    with deactivated(lm.model, {int(k): v for k, v in sel.items()}):
+        evaluate(EvalConfig(model=tiny_llama_path, tasks="amazon_polarity", langs="en,de", limit=6, dtype="fp32",
+                            device="cpu", output=str(tmp_path / "check"), progress=False), preloaded=lm)
+    for e in ("en", "de"):
+        mine = read_jsonl(tmp_path / "check" / "samples" / "amazon_polarity" / "english" / f"{e}.jsonl")
+        theirs = read_jsonl(folder["de"] / "samples" / "amazon_polarity" / "english" / f"{e}.jsonl")
+        assert [s["scores"] for s in mine] == [s["scores"] for s in theirs]
+        plain = read_jsonl(folder["none"] / "samples" / "amazon_polarity" / "english" / f"{e}.jsonl")
+        assert [s["scores"] for s in mine] != [s["scores"] for s in plain]
+    assert (out / "deactivation.csv").is_file() and (out / "deactivation.png").is_file()

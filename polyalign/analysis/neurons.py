@@ -336,15 +336,18 @@ def run_deactivation(cfg: NeuronsConfig, lm, spec, langs, eval_langs, sel: Selec
             runs.append((f"random-{lang}", lang, random_like(sel.neurons[k], widths, cfg.random_seed + k)))
     acc: dict[str, dict[str, float]] = {}
     for name, _, neurons in runs:
-        folder = Path(cfg.output) / "deactivate" / f"{name}-{content_hash(neurons)[:8]}"
+        folder = Path(cfg.output) / "deactivate" / f"{name}-{content_hash(neurons)[:8]}"   # its own, keyed by the neurons
         ecfg = EvalConfig(model=spec.model, adapter=spec.adapter, tasks=cfg.eval_task, langs=",".join(eval_langs),
                           labels=cfg.eval_labels, output=str(folder), data=cfg.eval_data, limit=cfg.eval_limit,
                           dtype=cfg.dtype, device=cfg.device, batch_tokens=cfg.batch_tokens, progress=cfg.progress)
         with deactivated(lm.model, neurons):
-            result = evaluate(ecfg, loaded=lm)
+            result = evaluate(ecfg, preloaded=lm)
         acc[name] = {r["lang"]: r["acc"] for r in result["rows"]}
     out = {"task": cfg.eval_task, "labels": cfg.eval_labels, "eval_langs": eval_langs, "accuracy": acc,
-           "deactivated": [lang for name, lang, _ in runs if lang and not name.startswith("random-")]}
+           "deactivated": [lang for name, lang, _ in runs if lang and not name.startswith("random-")],
+           "random_neurons": {lang: {str(layer): idx for layer, idx in enumerate(neurons) if idx}
+                              for name, lang, neurons in runs if name.startswith("random-")},
+           "folders": {name: f"deactivate/{name}-{content_hash(neurons)[:8]}" for name, _, neurons in runs}}
     for kind, prefix in (("change", ""), ("random_change", "random-")):
         out[kind] = {lang: {e: acc[prefix + lang][e] - acc["none"][e] for e in eval_langs}
                      for lang in out["deactivated"]}

@@ -147,8 +147,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- the job
-def evaluate(cfg: EvalConfig, loaded=None) -> dict:
-    """`loaded`: an already loaded model (polyalign.models.LoadedModel) to evaluate instead of loading
+def evaluate(cfg: EvalConfig, preloaded=None) -> dict:
+    """`preloaded`: an already loaded model (polyalign.models.LoadedModel) to evaluate instead of loading
     cfg.model (neurons --deactivate evaluates one model under several hooks)."""
     from polyalign.evaluation.scoring import Scorer, decide
 
@@ -201,8 +201,8 @@ def evaluate(cfg: EvalConfig, loaded=None) -> dict:
     check_fingerprint(output, "run.json", settings, record=False)
 
     from polyalign.models import load_model
-    lm = loaded if loaded is not None else load_model(cfg.model, cfg.dtype, device, cfg.adapter,
-                                                      progress=cfg.progress and rank == 0)
+    lm = preloaded if preloaded is not None else load_model(cfg.model, cfg.dtype, device, cfg.adapter,
+                                                            progress=cfg.progress and rank == 0)
     scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
     # Options that change scores in the last bits, as resolved: the batch budget (an item's matmuls
     # see its batch's rows; see README), and the device and dtype that `auto` chose.
