@@ -16,6 +16,7 @@ from filelock import FileLock, Timeout
 
 from polyalign import hardware
 from polyalign.errors import PolyalignError
+from polyalign.store import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +122,10 @@ def _convert_gguf(target: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     clean.tie_weights()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
+    # (a killed conversion leaves this temporary folder; embedded_gemma_path clears it next time)
+    with atomic_folder(target, tmp=target.with_name(target.name + f".tmp{os.getpid()}")) as tmp:
         clean.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.warning("converted in %.0f s", time.time() - started)
 
 

@@ -160,14 +160,14 @@ def test_geometry_bad_input(geo_task, tmp_path, capsys):
 def test_outputs_without_pivot(geo_task, tmp_path, capsys):
     """Without the pivot language in --langs: PCA and Pearson only, no alignment files."""
     import time
-    from polyalign.analysis.lens import ModelSpec
+    from polyalign.analysis.common import AnalysedModel
     rng = np.random.default_rng(1)
     langs = ["zh", "sw"]
     states = {"base": {lang: rng.normal(size=(5, 3, 4)).astype(np.float32) for lang in langs}}
     cfg = GeometryConfig(task=geo_task[0], langs="zh,sw", output=str(tmp_path), pivot="en", layers="1")
     info = {"base": {"label": "base", "layers": 2, "hidden": 4}}
-    summary = geometry.write_outputs(cfg, load_task(geo_task[0]), langs, [ModelSpec("base", "m")], states, None,
-                                     info, [], 5, time.time())
+    summary = geometry.write_geometry_outputs(cfg, load_task(geo_task[0]), langs, [AnalysedModel("base", "m")],
+                                              states, None, info, [], 5, time.time())
     assert summary["layers"] == [1] and "alignment" not in summary["per_layer"]["1"]["base"]
     assert not (tmp_path / "alignment.csv").exists()
     assert len(read_csv(tmp_path / "pearson.csv")) == 3

@@ -1,9 +1,11 @@
-"""PrefixRunner's batch planner: a valid cover of the items, and the cheapest cut (checked by brute force)."""
+"""The batch planner (batching.plan_batches, and PrefixRunner.batches that calls it): a valid cover
+of the items, and the cheapest cut (checked by brute force)."""
 import itertools
 import random
 
 import pytest
 
+from polyalign.engine.batching import plan_batches
 from polyalign.engine.runner import PrefixRunner
 from testdevice import DEVICE
 
@@ -39,12 +41,16 @@ def brute_force(lengths, budget, forward_cost, pad_weight):
     return best
 
 
+@pytest.mark.parametrize("via", ["plan_batches", "runner"])
 @pytest.mark.parametrize("seed", range(10))
-def test_batches_are_the_cheapest_valid_cut(seed):
+def test_batches_are_the_cheapest_valid_cut(seed, via):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 11))]
     budget, fc, pw = rng.choice([40, 100, 400]), rng.choice([0, 8, 64]), rng.choice([1.0, 0.25])
-    batches = planner(budget, fc, pw).batches(lengths)
+    if via == "plan_batches":
+        batches = plan_batches(lengths, budget, fc, pw)
+    else:
+        batches = planner(budget, fc, pw).batches(lengths)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))                      # every item once
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)    # longest first

@@ -133,7 +133,7 @@ def test_lens_command_logit_tuned_both(tiny_llama_path, tmp_path, one_thread, ca
     lens_dir = tmp_path / "lens"
     T.tune_lens(_cfg(tiny_llama_path, lens_dir, steps=2))
     common = dict(model=tiny_llama_path, langs="de,zh", limit=4, dtype="fp32", device="cpu", progress=False)
-    logit = run_lens(LensConfig(**common, output=str(tmp_path / "logit")))
+    run_lens(LensConfig(**common, output=str(tmp_path / "logit")))
     both = run_lens(LensConfig(**common, output=str(tmp_path / "both"), lens="both", tuned_lens=str(lens_dir)))
     assert [m["label"] for m in both["models"]] == ["base", "base-tuned"]
     rows = lambda out, label: [r for r in csv.DictReader((tmp_path / out / "lens.csv").open()) if r["model"] == label]  # noqa: E731

@@ -28,10 +28,11 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.analysis.lens import (ModelSpec, PromptSet, add_model_arguments, batch_groups, cache_key, check_lengths, check_mode,
-                   config_from_args, load_items, model_specs, prepare_prompts, prompt_texts, release_memory,
-                   write_csv, write_npz)
-from polyalign.store import content_hash, write_json
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
+                                       prompt_texts, release_memory, write_npz)
+from polyalign.analysis.lens import add_model_arguments, config_from_args
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
+from polyalign.store import content_hash, write_csv, write_json
 from polyalign.tasks import LABEL_MODES, load_task
 
 POOLINGS = ("mean", "query-mean", "last")
@@ -126,7 +127,7 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     return out
 
 
-def states_key(spec: ModelSpec, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str]) -> str:
+def states_key(spec: AnalysedModel, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str]) -> str:
     return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling)
 
 
@@ -339,10 +340,10 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         states[s.label] = {lang: states[s.label][lang] for lang in langs}
         shape = next(iter(states[s.label].values())).shape
         model_info[s.label].update({"layers": shape[1] - 1, "hidden": shape[2]})
-    return write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
+    return write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
 
 
-def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> dict:
+def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> dict:
     output = Path(cfg.output)
     n_layers = {s.label: model_info[s.label]["layers"] for s in specs}
     if len(set(n_layers.values())) != 1:
@@ -351,11 +352,12 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
     results = {s.label: analyse(states[s.label], pivot, cfg.center) for s in specs}
 
     write_csv(output / "pearson.csv", ["model", "layer", "lang_a", "lang_b", "r"],
-              [[s.label, *row] for s in specs for row in results[s.label][2]])
+              [[s.label, *row] for s in specs for row in results[s.label][2]], CSV_FLOATS)
     align_rows = [[s.label, *row] for s in specs for row in results[s.label][3]]
     if pivot is not None:
         write_csv(output / "alignment.csv",
-                  ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"], align_rows)
+                  ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"], align_rows,
+                  CSV_FLOATS)
     ref = specs[0].label
     delta_rows = []
     if pivot is not None and len(specs) > 1:
@@ -366,7 +368,7 @@ def write_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n,
                 delta_rows.append([r[0], ref, r[1], r[2], *(x - y for x, y in zip(r[3:], b))])
         write_csv(output / "alignment_delta.csv",
                   ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel", "d_retrieval_acc"],
-                  delta_rows)
+                  delta_rows, CSV_FLOATS)
 
     figures = []
     for layer in chosen:

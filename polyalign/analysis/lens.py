@@ -16,18 +16,13 @@ Only the answer position is unembedded; the demos' KV cache is computed once per
 Outputs in --output: lens.csv, samples.npz, excluded.csv, lens_<lang>.png, lens_overlay.png (two
 or more models), summary.json, and parts/<model>/<lang>.npz: each (model, language) saved as soon as
 it is done under a hash of what determines it, so a killed or repeated run computes only what is
-missing (--recompute ignores them). The helpers for models and prompts here are shared with geometry.
+missing (--recompute ignores them). What lens shares with geometry is in analysis/common.py.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
-import io
 import json
 import math
-import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,112 +33,16 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_atomic, write_json
-from polyalign.engine.prompts import Prompt, PromptSet, batch_groups, check_lengths, prepare_prompts  # noqa: F401 (re-exported)
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
+                                       prompt_texts, release_memory, write_npz)
+from polyalign.store import content_hash, write_csv, write_json
+from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
 LN2 = math.log(2.0)
 LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to count as latent English
 PART_VERSION = 1    # bump when the per-language arrays change meaning
-
-
-# ============================================================================= shared: models
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to analyse: `label` names it in every output ("base", or the adapter folder's name)."""
-    label: str
-    model: str
-    adapter: str | None = None
-
-
-def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[ModelSpec]:
-    """`--model M [--adapter A] [--compare-adapter B ...]` -> [M(+A), M+B, ...]; labels are unique."""
-    compare = [compare_adapter] if isinstance(compare_adapter, str) else list(compare_adapter or [])
-    specs, seen = [], set()
-    for a in [adapter, *compare]:
-        if a is not None and not Path(a, "adapter_config.json").exists():
-            raise PolyalignError(f"no PEFT adapter at {a!r} (adapter_config.json missing)")
-        label = "base" if a is None else (re.sub(r"[^\w.+-]+", "_", Path(a).resolve().name) or "adapter")
-        base, k = label, 2
-        while label in seen:
-            label, k = f"{base}-{k}", k + 1
-        seen.add(label)
-        specs.append(ModelSpec(label, model, a))
-    return specs
-
-
-def _file_fingerprint(path: Path) -> list:
-    return [path.name, path.stat().st_size, int(path.stat().st_mtime)]
-
-
-def model_fingerprint(spec: ModelSpec) -> dict:
-    """What identifies the weights: a local folder's config and weight files, a hub id, an adapter's bytes."""
-    fp: dict = {"model": spec.model}
-    root = Path(spec.model)
-    if root.is_dir():
-        cfg = root / "config.json"
-        fp["config"] = content_hash(cfg.read_text("utf-8")) if cfg.exists() else None
-        fp["weights"] = [_file_fingerprint(p) for p in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))]
-    if spec.adapter:
-        import hashlib
-        h = hashlib.sha256()
-        for p in sorted(Path(spec.adapter).iterdir()):
-            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json"):
-                h.update(p.name.encode())
-                h.update(p.read_bytes())
-        fp["adapter"] = h.hexdigest()[:16]
-    return fp
-
-
-def release_memory() -> None:
-    """After the caller dropped its references to a model: free it before the next one loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ============================================================================= shared: prompts
-# Prompt preparation and batching live in polyalign.engine.prompts (shared with the evaluator).
-def prompt_texts(task: Task, lang: str, mode: str, items: list[dict]) -> list[str]:
-    prefix = task.demo_prefix(lang, mode)
-    return [prefix + task.query(lang, it) for it in items]
-
-
-# ============================================================================= shared: files
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow([_fmt(v) for v in r])
-    write_atomic(Path(path), buf.getvalue())
-
-
-def _fmt(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(float(v)) else f"{float(v):.6g}"
-    return v
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez into a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_items(task: Task, langs: list[str], data, limit, trust_file_labels) -> tuple[dict[str, list[dict]], list[str]]:
-    from polyalign.data import load_data
-    if limit is not None and limit <= 0:
-        raise PolyalignError("--limit must be a positive number")
-    loaded = load_data(task, langs, data, limit, trust_file_labels)
-    return loaded.items, loaded.issues
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,11 +67,6 @@ def config_from_args(cls, args: argparse.Namespace):
     kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
     kw["compare_adapter"] = list(kw.get("compare_adapter") or [])
     return cls(**kw)
-
-
-def check_mode(mode: str) -> None:
-    if mode not in LABEL_MODES:
-        raise PolyalignError(f"unknown label mode {mode!r}; use {', '.join(LABEL_MODES)}")
 
 
 # ============================================================================= lens: token sets
@@ -305,16 +199,6 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, mean - half, mean + half
 
 
-def cache_key(spec: ModelSpec, cfg, task_hash: str, lang: str, texts: list[str], **extra) -> str:
-    """Hash of what determines one (model, language)'s results, for lens parts and geometry states:
-    the weights (and adapter), dtype, context limit, task file, language, label mode, prompts, `extra`."""
-    from polyalign.models import resolve_device, resolve_dtype
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
-    return content_hash({"weights": model_fingerprint(spec), "dtype": dtype, "max_length": cfg.max_length,
-                         "task": task_hash, "lang": lang, "labels": cfg.labels, "prompts": content_hash(texts),
-                         **extra})
-
-
 def save_part(path: Path, key: str, arrays: dict[str, np.ndarray], tokens: dict) -> None:
     write_npz(path, {**arrays, "_key": np.array(key), "_tokens": np.array(json.dumps(tokens, ensure_ascii=False))})
 
@@ -430,7 +314,7 @@ def run_lens(cfg: LensConfig) -> dict:
     task_hash = content_hash(Path(task.path).read_text("utf-8"))
     results: dict[str, dict[str, dict]] = {s.label: {} for s in specs}     # label -> lang -> arrays
     set_info: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
-    todo: dict[ModelSpec, list] = {}
+    todo: dict[AnalysedModel, list] = {}
     for spec in specs:
         for lang in langs:
             key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
@@ -479,10 +363,10 @@ def run_lens(cfg: LensConfig) -> dict:
     bar.close()
     lm = None
     release_memory()
-    return write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
+    return write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 
-def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
+def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
     output = Path(cfg.output)
     csv_rows, excl_rows, stats, readings = [], [], {}, {}
     arrays = {}
@@ -502,8 +386,9 @@ def write_outputs(cfg, task, langs, specs, results, set_info, model_info, issues
                 mean, lo, hi = st[m]
                 for layer in range(len(mean)) if st["n"] else []:
                     csv_rows.append([spec.label, lang, layer, m, mean[layer], lo[layer], hi[layer], st["n"]])
-    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows)
-    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows)
+    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows,
+              CSV_FLOATS)
+    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows, CSV_FLOATS)
     write_npz(output / "samples.npz", arrays)
     print(format_excluded(excl_rows, cfg.keep_overlapping))
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +34,10 @@ import numpy as np
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_json
+from polyalign.store import atomic_path, content_hash, write_csv, write_json
 
 PART_VERSION = 1
+CSV_FLOATS = ".6g"   # as the other analyses' CSV files
 MIN_SHARE = 0.10        # a language needs at least this share of the token budget
 
 
@@ -237,7 +237,8 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
     from tqdm.auto import tqdm
 
     from polyalign.analysis.activations import count_activations, language_texts, shared_prefix, token_sequences
-    from polyalign.analysis.lens import cache_key, load_part, model_specs, release_memory
+    from polyalign.analysis.common import cache_key, model_specs, release_memory
+    from polyalign.analysis.lens import load_part
     from polyalign.models import load_model
 
     _check(cfg)
@@ -356,8 +357,6 @@ def run_deactivation(cfg: NeuronsConfig, lm, spec, langs, eval_langs, sel: Selec
 
 # ============================================================================= outputs
 def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
-    from polyalign.analysis.lens import write_csv
-
     output = Path(cfg.output)
     tokens = {lang: sum(map(len, sequences[lang])) for lang in langs}
     selections, arrays = {}, {"langs": np.array(langs)}
@@ -381,8 +380,9 @@ def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
                     shared = len(as_set(sel.neurons[a], layer) & as_set(sel.neurons[b], layer))
                     overlap_rows.append([spec.label, "all" if layer is None else layer, la, lb, m[a, b], shared])
     write_npz_stable(output / "probabilities.npz", arrays)
-    write_csv(output / "counts.csv", ["model", "lang", "layer", "neurons"], count_rows)
-    write_csv(output / "overlap.csv", ["model", "layer", "lang_a", "lang_b", "jaccard", "shared"], overlap_rows)
+    write_csv(output / "counts.csv", ["model", "lang", "layer", "neurons"], count_rows, CSV_FLOATS)
+    write_csv(output / "overlap.csv", ["model", "layer", "lang_a", "lang_b", "jaccard", "shared"], overlap_rows,
+              CSV_FLOATS)
 
     settings = {k: getattr(cfg, k) for k in ("tokens_per_language", "max_sequence_tokens", "filter_percentile",
                                             "top_rate", "activation_percentile", "data", "tasks")}
@@ -411,10 +411,11 @@ def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
         summary["compare"] = compare(cfg, langs, selections[specs[0].label], selections[specs[1].label])
         rows = [[r["lang"], r["seen"], r["resource"], r["base"], r["trained"], r["jaccard"]]
                 for r in summary["compare"]["languages"]]
-        write_csv(output / "compare.csv", ["lang", "seen", "resource", "base", "trained", "jaccard"], rows)
+        write_csv(output / "compare.csv", ["lang", "seen", "resource", "base", "trained", "jaccard"], rows, CSV_FLOATS)
         layer_rows = [[lang, layer, b, t, t - b] for lang, per in summary["compare"]["layers"].items()
                       for layer, (b, t) in enumerate(per)]
-        write_csv(output / "compare_layers.csv", ["lang", "layer", "base", "trained", "change"], layer_rows)
+        write_csv(output / "compare_layers.csv", ["lang", "layer", "base", "trained", "change"], layer_rows,
+                  CSV_FLOATS)
     if deactivation is not None:
         summary["deactivation"] = deactivation
         write_deactivation(output, deactivation)
@@ -445,10 +446,9 @@ def compare(cfg, langs, base: Selection, trained: Selection) -> dict:
 
 
 def write_deactivation(output: Path, d: dict) -> None:
-    from polyalign.analysis.lens import write_csv
     rows = [[kind, lang, e, d[kind][lang][e]] for kind in ("change", "random_change")
             for lang in d["deactivated"] for e in d["eval_langs"]]
-    write_csv(output / "deactivation.csv", ["kind", "deactivated", "evaluated", "accuracy_change"], rows)
+    write_csv(output / "deactivation.csv", ["kind", "deactivated", "evaluated", "accuracy_change"], rows, CSV_FLOATS)
     if d["deactivated"]:
         save_figure(plot_deactivation(d), output / "deactivation.png")
 
@@ -465,34 +465,19 @@ def write_npz_stable(path: Path, arrays: dict) -> None:
     time), so that the same arrays give the same bytes; written beside `path`, then renamed."""
     import io
     import zipfile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-            for name, value in arrays.items():
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
-                z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        for name, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
 
 
 # ============================================================================= plots (no pyplot)
 def save_figure(fig, path: Path) -> Path:
     """A matplotlib Figure as PNG, written beside `path` and renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def plot_counts(sel: Selection, langs: list[str], label: str):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.store import append_lines, content_hash, read_jsonl, write_json
+from polyalign.store import append_lines, atomic_path, content_hash, read_jsonl, write_json
 
 LENS_KINDS = ("logit", "tuned", "both")
 LENS_VERSION = 1
@@ -252,7 +251,7 @@ def tune_lens(cfg: TuneLensConfig) -> dict:
     from tqdm.auto import tqdm
 
     from polyalign.analysis.activations import language_texts, shared_prefix, token_sequences
-    from polyalign.analysis.lens import ModelSpec, model_fingerprint
+    from polyalign.analysis.common import AnalysedModel, model_fingerprint
     from polyalign.analysis.neurons import MIN_SHARE, _load_tokenizer
     from polyalign.engine.model_parts import decoder_of, unwrap
     from polyalign.engine.runner import PrefixRunner
@@ -276,7 +275,7 @@ def tune_lens(cfg: TuneLensConfig) -> dict:
     out = Path(cfg.output)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "progress", "device", "batch_tokens",
                                                                   "save_every", "loss_chunk")}
-    settings["weights"] = model_fingerprint(ModelSpec("lens", cfg.model, cfg.adapter))
+    settings["weights"] = model_fingerprint(AnalysedModel("lens", cfg.model, cfg.adapter))
     settings["data_hash"] = content_hash(sequences)
     settings["version"] = LENS_VERSION
     fingerprint = content_hash(settings)
@@ -322,9 +321,8 @@ def tune_lens(cfg: TuneLensConfig) -> dict:
     bar.close()
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".lens.safetensors.tmp{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in translators.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / "lens.safetensors")
+    with atomic_path(out / "lens.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in translators.state_dict().items()}, str(tmp))
     log = [r for r in read_jsonl(out / "log.jsonl") if r["step"] <= cfg.steps]
     info = {"fingerprint": fingerprint, "settings": settings, "langs": langs, "layers": translators.n_layers,
             "hidden_size": dcfg.hidden_size, "tokens_per_language": {l: sum(map(len, per_lang[l])) for l in langs},
@@ -339,11 +337,9 @@ def tune_lens(cfg: TuneLensConfig) -> dict:
 
 
 def _save_checkpoint(out: Path, fingerprint: str, step: int, translators, opt, sched) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".checkpoint.pt.tmp{os.getpid()}"
-    torch.save({"fingerprint": fingerprint, "step": step, "translators": translators.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
-    os.replace(tmp, out / "checkpoint.pt")
+    with atomic_path(out / "checkpoint.pt") as tmp:
+        torch.save({"fingerprint": fingerprint, "step": step, "translators": translators.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
 
 
 def _resume(out: Path, fingerprint: str, translators, opt, sched) -> int:
@@ -390,7 +386,7 @@ class TunedView:
 def lens_views(specs: list, kind: str, folder: str | None) -> tuple[list, dict[str, TunedView]]:
     """The (model, lens) pairs `polyalign lens` reads: for `both`, each model's logit lens followed by
     its tuned lens (labelled <model>-tuned), so that they are drawn side by side."""
-    from polyalign.analysis.lens import ModelSpec
+    from polyalign.analysis.common import AnalysedModel
     if kind == "logit":
         return specs, {}
     import hashlib
@@ -399,7 +395,7 @@ def lens_views(specs: list, kind: str, folder: str | None) -> tuple[list, dict[s
     for s in specs:
         if kind == "both":
             out.append(s)
-        t = ModelSpec(f"{s.label}-tuned", s.model, s.adapter)
+        t = AnalysedModel(f"{s.label}-tuned", s.model, s.adapter)
         out.append(t)
         tuned[t.label] = view
     return out, tuned

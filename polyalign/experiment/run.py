@@ -32,7 +32,7 @@ import yaml
 
 from polyalign import languages
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_json
+from polyalign.store import atomic_folder, content_hash, safe_name, write_atomic, write_json
 
 SCHEMA_VERSION = 1
 DEMO = "demo"
@@ -276,7 +276,7 @@ def _opt_str(value, where: str) -> str | None:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-") or "model"
+    return safe_name(text.rstrip("/").split("/")[-1], "-", strip=True, fallback="model")
 
 
 def load_experiment(path: str | None = None, overrides: list[str] | None = None, demo: bool = False,
@@ -824,14 +824,10 @@ def _named_adapter(step_folder: Path, train_folder: Path, name: str) -> Path:
     src = adapter_dir(train_folder)
     dst = step_folder / "adapters" / name
     if not (dst / "adapter_config.json").exists():
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in src.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
+        with atomic_folder(dst) as tmp:
+            for f in src.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
     return dst
 
 
@@ -926,7 +922,7 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         preflight(exp, steps, run)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "experiment.json", {"source": exp.source, "experiment": exp.raw})
-    (run / "experiment.yaml").write_text(yaml.safe_dump(exp.raw, sort_keys=False, allow_unicode=True), "utf-8")
+    write_atomic(run / "experiment.yaml", yaml.safe_dump(exp.raw, sort_keys=False, allow_unicode=True))
     write_json(run / "manifest.json", _manifest(exp, steps, run, status))
 
     todo_w = sum(st.weight for st in steps if status[st.key]["status"] != "done")

@@ -1,13 +1,14 @@
 """Shared matplotlib helpers for the analysis commands (headless Agg backend, atomic PNG writes)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from polyalign.store import atomic_path  # noqa: E402
 
 # Curves of the logit lens: colour = which language, dash = the gold answer or all answers.
 MEASURE_STYLE = {
@@ -43,13 +44,9 @@ def model_linestyle(i: int) -> str:
 def save(fig, path: Path) -> Path:
     """Write the figure beside `path`, then rename over it (never a half-written PNG); closes it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -11,7 +11,6 @@ import argparse
 import base64
 import csv
 import html
-import io
 import json
 import logging
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 from polyalign import languages
 from polyalign.errors import PolyalignError
 from polyalign.stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
-from polyalign.store import read_jsonl, write_atomic
+from polyalign.store import atomic_path, read_jsonl, safe_name, write_atomic, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -194,19 +193,13 @@ def render_tex(t: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, t: Table) -> None:
-    buf = io.StringIO()
+def write_table_csv(path: Path, t: Table) -> None:
+    """The table's numbers (`csv_rows`, or each cell's raw value, else its text) as CSV."""
     if t.csv_rows is not None:
         keys = list(dict.fromkeys(k for r in t.csv_rows for k in r))
-        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-        w.writeheader()
-        w.writerows(t.csv_rows)
+        write_csv(path, keys, [[r.get(k, "") for k in keys] for r in t.csv_rows])
     else:
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(t.header)
-        for row in t.rows:
-            w.writerow([c.raw if c.raw is not None else c.text for c in row])
-    write_atomic(path, buf.getvalue())
+        write_csv(path, t.header, [[c.raw if c.raw is not None else c.text for c in row] for row in t.rows])
 
 
 # ----------------------------------------------------------------------------- reading the run
@@ -278,7 +271,7 @@ def _group_langs(group: str, langs: list[str], seen: list[str] | None) -> list[s
 
 
 def _slug(*parts: str) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-") for p in parts if p)
+    return "_".join(safe_name(p, "-", strip=True) for p in parts if p)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -307,8 +300,8 @@ def _heatmap(path: Path, rows: list[str], cols: list[str], values, title: str, d
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label="Δ accuracy (points)" if diverging else "accuracy (%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -545,7 +538,7 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     # ---- write
     for t in exported:
         if t.name:
-            write_csv(out_dir / f"{t.name}.csv", t)
+            write_table_csv(out_dir / f"{t.name}.csv", t)
             write_atomic(out_dir / f"{t.name}.tex", render_tex(t))
     write_atomic(run / "report.md", render_md(doc, run))
     out = run / "report.html"

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +34,7 @@ from pathlib import Path
 from polyalign import languages
 from polyalign.data import read_records
 from polyalign.errors import PolyalignError
-from polyalign.store import content_hash, write_json, write_jsonl
+from polyalign.store import RunRecord, atomic_folder, claim_output, content_hash, safe_name, write_json, write_jsonl
 from polyalign.tasks import Task, load_task
 
 INSTRUCTION = "\nTranslate the input from {source} to {target}:\n"
@@ -324,31 +321,13 @@ def _record(p: dict) -> dict:
 
 
 def _dataset_name(output: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", output.resolve().name) or "polyalign"
+    return safe_name(output.resolve().name, fallback="polyalign")
 
 
-def _check_output(out: Path, settings: dict) -> dict | None:
-    """The existing manifest when `out` holds this very run; an error when it holds something else."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise PolyalignError(f"--output {out} is a file, not a folder")
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text("utf-8"))
-        except json.JSONDecodeError:
-            raise PolyalignError(f"{manifest} is damaged; choose another --output") from None
-        old_settings = old.get("settings", {})
-        for key in sorted(set(old_settings) | set(settings)):
-            if old_settings.get(key) != settings.get(key):
-                raise PolyalignError(f"{out} already holds a different prepared set ({key}: "
-                                     f"{old_settings.get(key)!r} there, {settings.get(key)!r} now); "
-                                     f"choose another --output")
-        return old
-    if any(out.iterdir()):
-        raise PolyalignError(f"--output {out} is not empty and holds no prepared set; choose another folder")
-    return None
+# A prepared folder holds its settings in manifest.json; any other non-empty folder is refused.
+PREPARED_SET = RunRecord("manifest.json", clash="already holds a different prepared set",
+                         damaged="choose another --output", foreign="prepared set; choose another folder",
+                         settings_of=lambda manifest: manifest.get("settings", {}), all_keys=True)
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -371,7 +350,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     settings = {"task": task.name, "task_file": content_hash(Path(task.path).read_text("utf-8")),
                 "sources": sources, "target": cfg.target, "per_language": cfg.per_language, "data": cfg.data,
                 "translator": cfg.translator, "fields": cfg.fields, "val_size": cfg.val_size, "seed": cfg.seed}
-    existing = _check_output(out, settings)
+    existing = claim_output(out, PREPARED_SET, settings)
 
     issues: list[str] = []
     if cfg.translator:
@@ -434,12 +413,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                                 "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
             for split in ("train", "val")}
 
-    # Build everything in a temporary sibling folder, then rename it into place.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    # Build everything in a temporary sibling folder, then rename it into place (claim_output allowed
+    # only an empty folder there).
+    with atomic_folder(out) as tmp:
         write_jsonl(tmp / "train.jsonl", [_record(p) for p in train])
         write_jsonl(tmp / "val.jsonl", [_record(p) for p in val])
         for split, recs in (("train", train), ("val", val)):
@@ -447,12 +423,6 @@ def prepare(cfg: PrepareConfig) -> dict:
                        [{"instruction": p["input"], "input": "", "output": p["output"]} for p in recs])
         write_json(tmp / "dataset_info.json", info)
         write_json(tmp / "manifest.json", manifest)
-        if out.exists():
-            out.rmdir()   # _check_output allowed only an empty folder here
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -32,7 +32,6 @@ import argparse
 import difflib
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -46,7 +45,8 @@ from pathlib import Path
 import yaml
 
 from polyalign.errors import PolyalignError
-from polyalign.store import append_lines, content_hash, read_jsonl, write_atomic, write_json, write_jsonl
+from polyalign.store import (RunRecord, append_lines, atomic_folder, atomic_path, claim_output, content_hash,
+                             publish_folder, read_jsonl, write_atomic, write_json, write_jsonl)
 
 # Keys that may differ between a run and its resumption (they change neither the data nor the maths).
 NON_SEMANTIC = {"device", "threads", "save_steps", "save_total_limit"}
@@ -445,26 +445,23 @@ def _fingerprint(resolved: dict) -> dict:
     return {k: v for k, v in resolved.items() if k not in NON_SEMANTIC and k != "derived"}
 
 
+def _read_config(text: str) -> dict:
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
+# A training run's folder holds its resolved config.yaml; any other non-empty folder is refused.
+TRAINING_RUN = RunRecord("config.yaml", clash="already holds a different run", damaged="choose another --output",
+                         foreign="polyalign training run; choose another", parse=_read_config,
+                         settings_of=_fingerprint, all_keys=True)
+
+
 def _check_output(out: Path, resolved: dict, resume: bool) -> str:
     """'fresh', 'resume' or 'done'; an error when the folder holds something else."""
-    if not out.exists():
+    if claim_output(out, TRAINING_RUN, _fingerprint(resolved)) is None:
         return "fresh"
-    if not out.is_dir():
-        raise PolyalignError(f"--output {out} is a file, not a folder")
-    conf = out / "config.yaml"
-    if not conf.is_file():
-        if any(out.iterdir()):
-            raise PolyalignError(f"--output {out} is not empty and holds no polyalign training run; choose another")
-        return "fresh"
-    try:
-        old = yaml.safe_load(conf.read_text("utf-8")) or {}
-    except yaml.YAMLError:
-        raise PolyalignError(f"{conf} is damaged; choose another --output") from None
-    a, b = _fingerprint(old), _fingerprint(resolved)
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            raise PolyalignError(f"{out} already holds a different run ({key}: {a.get(key)!r} there, "
-                                 f"{b.get(key)!r} now); choose another --output")
     if (out / "summary.json").is_file() and (out / "adapter_config.json").is_file():
         return "done"      # (a finished run whose adapter went missing resumes, and saves it again)
     if not resume:
@@ -829,12 +826,7 @@ def _save_checkpoint(out: Path, step: int, accelerator, peft_model, names, optim
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
         write_json(tmp / "state.json", st)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish_folder(tmp, final)
         for old in _checkpoints(out)[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -877,26 +869,19 @@ def _load_checkpoint(path: Path, accelerator, peft_model, names, optimizer, sche
 def _save_adapter(peft_model, out: Path, full_state: dict | None = None) -> None:
     """The PEFT adapter files, written beside each other in a temporary folder and moved into `out`.
     `full_state`: the LossModel's gathered state dict (FSDP / DeepSpeed), whose keys start with "model."."""
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if full_state is not None:
-        state = {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}
-        peft_model.save_pretrained(str(tmp), state_dict=state)
-    else:
-        peft_model.save_pretrained(str(tmp))
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    with atomic_folder(out, tmp=out / ".adapter.tmp", merge=True) as tmp:
+        if full_state is not None:
+            state = {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}
+            peft_model.save_pretrained(str(tmp), state_dict=state)
+        else:
+            peft_model.save_pretrained(str(tmp))
 
 
 def _merge_in_place(peft_model, tokenizer, out: Path) -> None:
-    tmp = out / ".merged.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out / "merged", ignore_errors=True)
-    os.replace(tmp, out / "merged")
+    with atomic_folder(out / "merged") as tmp:
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
 
 
 def _merge_saved(out: Path, hp: dict) -> None:
@@ -925,7 +910,6 @@ def plot_losses(log: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
