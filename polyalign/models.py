@@ -228,6 +228,56 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     return LoadedModel(model, tokenizer, name, dev, torch_dtype, time.time() - started, adapter)
 
 
+def from_loaded(model, tokenizer, name: str | None = None) -> LoadedModel:
+    """An already loaded transformers causal LM (or a PEFT model around one) and its tokenizer,
+    described as `load_model` describes what it loads. The model is used as it is: on its device,
+    in its dtype, its adapter unmerged; nothing is copied."""
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise PolyalignError(f"model must be a name, a folder or a loaded transformers model; got "
+                             f"{type(model).__name__}")
+    if tokenizer is None or not callable(getattr(tokenizer, "convert_ids_to_tokens", None)):
+        raise PolyalignError("a loaded model needs its tokenizer: pass it as the second argument")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = name or getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None) \
+        or type(base).__name__
+    try:
+        first = next(model.parameters())
+    except StopIteration:
+        raise PolyalignError(f"the model {name!r} has no parameters") from None
+    if first.dtype == torch.float16 and first.device.type == "cpu":
+        resolve_dtype("fp16", first.device)   # refused with the command line's message
+    adapter = None
+    if hasattr(model, "peft_config"):
+        active = getattr(model, "active_adapter", None)
+        adapter = f"in-memory PEFT adapter {active!r}" if isinstance(active, str) else "in-memory PEFT adapter"
+    return LoadedModel(model, tokenizer, str(name), first.device, first.dtype, 0.0, adapter)
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """A hash of a loaded model's weights that costs two reductions per tensor (its name, shape,
+    dtype, sum and sum of squares), so that an output folder can tell one in-memory model from
+    another (a name says nothing about weights changed in a notebook). Not a cryptographic hash:
+    it is there to refuse an accidental resume, as the settings of a folder are."""
+    stats = []
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.device.type == "mps":     # no float64 there
+            t = t.cpu()
+        row = [name, list(t.shape), str(t.dtype).replace("torch.", "")]
+        if t.is_floating_point():
+            total = squares = 0.0
+            for part in t.reshape(-1).split(1 << 22):    # bounded fp64 copies (a 262k-row embedding)
+                part = part.double()
+                total, squares = total + float(part.sum()), squares + float(part.square().sum())
+            row += [f"{total:.8g}", f"{squares:.8g}"]
+        stats.append(row)
+    from polyalign.store import content_hash
+    return content_hash(stats)
+
+
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 

@@ -18,7 +18,7 @@ from polyalign.experiment import run as X
 from polyalign.errors import PolyalignError
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_CALL = X.call_command
+REAL_CALL = X.run_command
 LANGS3 = ["en", "de", "zh"]
 
 
@@ -179,14 +179,11 @@ def test_examples_validate(path):
     exp = X.load_experiment(str(path), check_data=False)
     steps = X.plan(exp)
     assert steps and len({s.key for s in steps}) == len(steps)
-    # The options each step passes on are accepted by that command's own parser.
+    # Each step carries its command's config, built (and checked) from the file's options.
     from polyalign.cli import COMMANDS
     for st in steps:
-        if st.kind == "prepare" and "prepare" in COMMANDS:
-            X._parse_check(st.argv(st, Path("runs/x")), st.label)
-        if st.kind in ("lens", "geometry") and st.kind in COMMANDS:
-            cfg = exp.lens if st.kind == "lens" else exp.geometry
-            X._parse_check([st.kind, "--output", "x"] + X._options(cfg["options"]), st.label)
+        cls, _ = COMMANDS[X.COMMAND_OF[st.kind]].load()
+        assert isinstance(st.config, cls), st.label
 
 
 def test_demo_validates():
@@ -243,17 +240,16 @@ def test_more_eval_languages_reuse_the_eval_folder():
 
 # ----------------------------------------------------------------------------- running, with fake step commands
 class FakeCommands:
-    """Stands in for `polyalign <command>`: writes the artefacts each real command writes."""
+    """Stands in for the step commands' work functions: writes the artefacts each real one writes.
+    A call is recorded as (command, config)."""
 
     def __init__(self, fail_on: str | None = None, exc: BaseException | None = None, real_eval: bool = False):
         self.calls: list[list[str]] = []
         self.fail_on, self.exc, self.real_eval = fail_on, exc, real_eval
 
-    def __call__(self, argv: list[str]) -> None:
-        self.calls.append(argv)
-        cmd = argv[0]
-        opt = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
-        out = Path(opt["--output"])
+    def __call__(self, cmd: str, cfg) -> None:
+        self.calls.append((cmd, cfg))
+        out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
         if self.fail_on and self.fail_on == cmd:
             raise self.exc
@@ -265,8 +261,8 @@ class FakeCommands:
             (out / "train_log.jsonl").write_text('{"step": 1, "epoch": 1.0, "loss": 2.0, "lr": 0.1}\n', "utf-8")
         elif cmd == "evaluate":
             if self.real_eval:
-                return REAL_CALL(argv)
-            langs, task = opt["--langs"].split(","), opt["--tasks"]
+                return REAL_CALL(cmd, cfg)
+            langs, task = cfg.langs.split(","), cfg.tasks
             rows = []
             for lang in langs:
                 samples = [{"id": str(i), "pred": "x", "gold": "x", "correct": (i + len(lang)) % 2 == 0}
@@ -278,7 +274,7 @@ class FakeCommands:
                              "acc": sum(s["correct"] for s in samples) / 4})
             (out / "results.json").write_text(json.dumps({"rows": rows, "averages": []}), "utf-8")
         elif cmd in ("lens", "geometry"):
-            for a in [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--compare-adapter"]:
+            for a in cfg.compare_adapter:
                 assert (Path(a) / "adapter_config.json").exists()
             (out / "summary.json").write_text("{}", "utf-8")
 
@@ -289,7 +285,7 @@ def run_dir(tmp_path):
 
 
 def _run(exp, run_dir, fake, monkeypatch, **kw):
-    monkeypatch.setattr(X, "call_command", fake)
+    monkeypatch.setattr(X, "run_command", fake)
     return X.run_experiment(exp, str(run_dir), check_models=False, **kw)
 
 
@@ -307,7 +303,7 @@ def test_run_skips_finished_steps_and_recomputes_only_what_changed(run_dir, monk
     for s in manifest["steps"]:
         assert (run_dir / s["dir"] / "done.json").exists()
     lens = [c for c in fake.calls if c[0] == "lens"][0]
-    assert lens[lens.index("--compare-adapter") + 1].endswith("adapters/zhde-en")
+    assert lens[1].compare_adapter[0].endswith("adapters/zhde-en")
 
     fake2 = FakeCommands()
     _run(exp, run_dir, fake2, monkeypatch)
@@ -319,7 +315,7 @@ def test_run_skips_finished_steps_and_recomputes_only_what_changed(run_dir, monk
     fake3 = FakeCommands()
     _run(validate(raw), run_dir, fake3, monkeypatch)
     assert [c[0] for c in fake3.calls] == ["prepare", "train", "evaluate", "geometry"]
-    assert fake3.calls[0][fake3.calls[0].index("--sources") + 1] == "sw"
+    assert fake3.calls[0][1].sources == "sw"
 
 
 def test_failed_step_leaves_a_resumable_run(run_dir, monkeypatch):
@@ -352,7 +348,7 @@ def test_a_step_whose_outputs_went_missing_is_run_again(run_dir, monkeypatch, ca
 
     fake = FakeCommands()
     _run(exp, run_dir, fake, monkeypatch)
-    again = [(c[0], c[c.index("--output") + 1]) for c in fake.calls]
+    again = [(c[0], c[1].output) for c in fake.calls]
     assert sorted(again) == sorted([("evaluate", str(steps["eval base snli"].folder(run_dir))),
                                     ("train", str(steps["train sw-en"].folder(run_dir))),
                                     ("evaluate", str(steps["eval zhde-en snli"].folder(run_dir)))])
@@ -364,10 +360,10 @@ def test_a_step_whose_outputs_went_missing_is_run_again(run_dir, monkeypatch, ca
 
 def test_a_step_that_ends_without_its_outputs_is_not_marked_done(run_dir, monkeypatch):
     class NoSummary(FakeCommands):
-        def __call__(self, argv):
-            super().__call__(argv)
-            if argv[0] == "geometry":
-                (Path(argv[argv.index("--output") + 1]) / "summary.json").unlink()
+        def __call__(self, cmd, cfg):
+            super().__call__(cmd, cfg)
+            if cmd == "geometry":
+                (Path(cfg.output) / "summary.json").unlink()
 
     exp = validate(base_raw())
     with pytest.raises(PolyalignError, match="summary.json is missing"):
@@ -385,14 +381,14 @@ def test_disk_full_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
         s["data"] = str(tmp_path)
     path.write_text(yaml.safe_dump(raw), "utf-8")
     fake = FakeCommands(fail_on="prepare", exc=OSError(errno.ENOSPC, "No space left on device", "x.jsonl"))
-    monkeypatch.setattr(X, "call_command", fake)
+    monkeypatch.setattr(X, "run_command", fake)
     monkeypatch.setattr(X, "preflight", lambda exp, steps, run: None)
     assert cli.main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk full" in err[0] and "[2/9] prepare zhde-en" in err[0]
     # The run resumes from there.
     fake2 = FakeCommands()
-    monkeypatch.setattr(X, "call_command", fake2)
+    monkeypatch.setattr(X, "run_command", fake2)
     assert cli.main(["run", str(path), "--no-report"]) == 0
     assert fake2.calls[0][0] == "prepare"
 
@@ -449,15 +445,15 @@ def test_real_commands_end_to_end(tmp_path, tiny_llama_path, monkeypatch):
     real = {"evaluate", "prepare", "train"} & set(COMMANDS)
 
     class Fake(FakeCommands):
-        def __call__(self, argv):
-            if argv[0] in real:
-                self.calls.append(argv)
-                return REAL_CALL(argv)
-            if argv[0] == "train":
-                self.calls.append(argv)
-                _tiny_adapter(tiny_llama_path, Path(argv[argv.index("--output") + 1]))
+        def __call__(self, cmd, cfg):
+            if cmd in real:
+                self.calls.append((cmd, cfg))
+                return REAL_CALL(cmd, cfg)
+            if cmd == "train":
+                self.calls.append((cmd, cfg))
+                _tiny_adapter(tiny_llama_path, Path(cfg.output))
                 return None
-            return super().__call__(argv)
+            return super().__call__(cmd, cfg)
 
     fake = Fake()
     run = _run(exp, tmp_path / "run", fake, monkeypatch)

@@ -292,7 +292,7 @@ def test_deactivation_matrix_and_fresh_caches(tiny_llama_path, tmp_path, one_thr
     lm = load_model(tiny_llama_path, "fp32", "cpu", progress=False)
     with deactivated(lm.model, {int(k): v for k, v in sel.items()}):
         evaluate(EvalConfig(model=tiny_llama_path, tasks="amazon_polarity", langs="en,de", limit=6, dtype="fp32",
-                            device="cpu", output=str(tmp_path / "check"), progress=False), preloaded=lm)
+                            device="cpu", output=str(tmp_path / "check"), progress=False), model=lm)
     for e in ("en", "de"):
         mine = read_jsonl(tmp_path / "check" / "samples" / "amazon_polarity" / "english" / f"{e}.jsonl")
         theirs = read_jsonl(folder["de"] / "samples" / "amazon_polarity" / "english" / f"{e}.jsonl")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.store import atomic_path, content_hash, safe_name
 from polyalign.tasks import LABEL_MODES, Task
@@ -107,3 +108,18 @@ def cache_key(spec: AnalysedModel, cfg, task_hash: str, lang: str, texts: list[s
     return content_hash({"weights": model_fingerprint(spec), "dtype": dtype, "max_length": cfg.max_length,
                          "task": task_hash, "lang": lang, "labels": cfg.labels, "prompts": content_hash(texts),
                          **extra})
+
+
+# ============================================================================= shared: options
+def adapter_option():
+    return option(None, help="PEFT LoRA adapter folder for --model")
+
+
+def compare_adapter_option():
+    return option([], repeatable=True, metavar="DIR",
+                  help="also analyse --model with this adapter (repeatable); outputs compare them with the first "
+                       "model (the base, or --adapter)")
+
+
+def analysis_task_option():
+    return option("amazon_polarity", help="task name or task YAML path")

@@ -17,23 +17,27 @@
 """
 from __future__ import annotations
 
-import argparse
-import sys
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.config import option
 from polyalign.errors import PolyalignError
-from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
-                                       prompt_texts, release_memory, write_npz)
-from polyalign.analysis.lens import add_model_arguments, config_from_args
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
+                                       check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
+                                       release_memory, write_npz)
 from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.store import content_hash, write_csv, write_json
 from polyalign.tasks import LABEL_MODES, load_task
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "query-mean", "last")
 CENTERS = ("lang", "joint", "none")
@@ -42,49 +46,31 @@ CACHE_VERSION = 1
 
 @dataclass
 class GeometryConfig:
-    model: str = "gemma-3-270m"
-    adapter: str | None = None
-    compare_adapter: list[str] = field(default_factory=list)
-    task: str = "amazon_polarity"
-    langs: str = "en,de,fr,hi,th,sw,ms"
-    labels: str = "english"
-    output: str = "runs/geo"
-    data: str | None = None
-    limit: int | None = None
-    pooling: str = "mean"
-    layers: str | None = None
-    pivot: str = "en"
-    center: str = "lang"
-    states_dtype: str = "float32"
-    recompute: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    trust_file_labels: bool = False
-    progress: bool = True
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--langs", default="en,de,fr,hi,th,sw,ms", help="'all', 'high', 'low' or a comma list")
-    p.add_argument("--labels", default="english", choices=list(LABEL_MODES), help="label words in the demos")
-    p.add_argument("--output", default="runs/geo")
-    p.add_argument("--pooling", default="mean", choices=list(POOLINGS),
-                   help="mean: whole prompt incl. demos (the paper); query-mean: the test item only; last: last token")
-    p.add_argument("--layers", default=None,
-                   help="layers to plot, comma list, negatives count from the end "
-                        "(default: the middle one and the last-but-one)")
-    p.add_argument("--pivot", default="en", help="language that alignment metrics retrieve into")
-    p.add_argument("--center", default="lang", choices=list(CENTERS),
-                   help="centering before cosines/retrieval (PCA always centres jointly)")
-    p.add_argument("--states-dtype", default="float32", choices=["float32", "float16"],
-                   help="storage type of the cached states")
-    p.add_argument("--recompute", action="store_true", help="ignore cached states")
-
-
-def main(args: argparse.Namespace) -> None:
-    run_geometry(config_from_args(GeometryConfig, args))
+    """The options of `polyalign geometry` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    adapter: str | None = adapter_option()
+    compare_adapter: list[str] = compare_adapter_option()
+    task: str = analysis_task_option()
+    langs: str = option("en,de,fr,hi,th,sw,ms", help="'all', 'high', 'low' or a comma list")
+    labels: str = option("english", choices=LABEL_MODES, help="label words in the demos")
+    output: str = option("runs/geo", help="output folder")
+    data: str | None = C.data_option()
+    limit: int | None = C.limit_option()
+    pooling: str = option("mean", choices=POOLINGS, help="mean: whole prompt incl. demos (the paper); query-mean: "
+                                                         "the test item only; last: last token")
+    layers: str | None = option(None, help="layers to plot, comma list, negatives count from the end "
+                                           "(default: the middle one and the last-but-one)")
+    pivot: str = option("en", help="language that alignment metrics retrieve into")
+    center: str = option("lang", choices=CENTERS, help="centering before cosines/retrieval (PCA always centres "
+                                                       "jointly)")
+    states_dtype: str = option("float32", choices=("float32", "float16"), help="storage type of the cached states")
+    recompute: bool = option(False, help="ignore cached states")
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    batch_tokens: int | None = C.batch_tokens_option()
+    max_length: int | None = C.max_length_option()
+    trust_file_labels: bool = C.trust_file_labels_option()
+    progress: bool = C.progress_option()
 
 
 # ============================================================================= hidden states
@@ -127,8 +113,9 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     return out
 
 
-def states_key(spec: AnalysedModel, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str]) -> str:
-    return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling)
+def states_key(spec: AnalysedModel, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str],
+               **extra) -> str:
+    return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling, **extra)
 
 
 def _pool_name(pooling: str) -> str:
@@ -260,8 +247,43 @@ def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
 
 
 # ============================================================================= command
-def run_geometry(cfg: GeometryConfig) -> dict:
+@dataclass
+class GeometryResult(Mapping):
+    """What `run_geometry` found. `summary` is summary.json's content (the result also reads like it:
+    `result["per_layer"]`); `pearson` and `alignment` are the rows of pearson.csv and alignment.csv
+    at every layer; `states[model][lang]` the pooled hidden states [items, layers + 1, hidden]."""
+    summary: dict
+    pearson: list[dict]
+    alignment: list[dict]
+    states: dict
+    output: Path | None = None
+
+    def to_pandas(self, what: str = "alignment"):
+        """`alignment` or `pearson` as a pandas DataFrame (pandas is not a dependency)."""
+        if what not in ("alignment", "pearson"):
+            raise PolyalignError(f"to_pandas: unknown table {what!r}; use alignment or pearson")
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame(getattr(self, what))
+
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def __iter__(self):
+        return iter(self.summary)
+
+    def __len__(self):
+        return len(self.summary)
+
+
+def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> GeometryResult:
+    """Hidden-state geometry of `cfg.model` (with cfg.adapter, and each of cfg.compare_adapter), or of
+    the loaded `model` with its `tokenizer`. With `cfg.output` None nothing is written or cached."""
     from tqdm.auto import tqdm
+
+    from polyalign.models import from_loaded
 
     started = time.time()
     task = load_task(cfg.task)
@@ -278,7 +300,16 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         raise PolyalignError("--langs lists a language twice")
     for lang in langs:
         task.demo_prefix(lang, cfg.labels)
-    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    preloaded = None
+    if model is not None:
+        if cfg.adapter or cfg.compare_adapter:
+            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
+                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
+        preloaded = from_loaded(model, tokenizer)
+        cfg = replace(cfg, model=preloaded.name)
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+    else:
+        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     n = min(len(items[lang]) for lang in langs)
     if any(len(items[lang]) != n for lang in langs):
@@ -288,23 +319,29 @@ def run_geometry(cfg: GeometryConfig) -> dict:
     if n < 3:
         raise PolyalignError(f"geometry needs at least 3 parallel items per language; got {n}")
     for line in issues:
-        print(f"data: {line}", file=sys.stderr)
+        log.warning("data: %s", line)
     pivot = cfg.pivot if cfg.pivot in langs else None
     if pivot is None:
-        print(f"geometry: the pivot language {cfg.pivot!r} is not in --langs; alignment metrics are skipped",
-              file=sys.stderr)
+        log.warning("geometry: the pivot language %r is not in --langs; alignment metrics are skipped", cfg.pivot)
 
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
     task_hash = content_hash(Path(task.path).read_text("utf-8"))
-    keys = {(s.label, lang): states_key(s, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]))
-            for s in specs for lang in langs}
+    weights = {}
+    if preloaded is not None and output is not None:   # a name says nothing about weights changed in memory
+        from polyalign.models import weights_fingerprint
+        weights = {"loaded_weights": weights_fingerprint(preloaded.model), "torch_dtype": str(preloaded.dtype)}
+    keys = {(s.label, lang): states_key(s, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
+                                        **weights)
+            for s in specs for lang in langs} if output is not None else {}
     states: dict[str, dict[str, np.ndarray]] = {s.label: {} for s in specs}
     todo = []
     for s in specs:
         for lang in langs:
-            path = output / "states" / s.label / f"{lang}.npz"
-            cached = None if cfg.recompute else load_cached(path, keys[s.label, lang], cfg.pooling)
+            cached = None
+            if output is not None and not cfg.recompute:
+                cached = load_cached(output / "states" / s.label / f"{lang}.npz", keys[s.label, lang], cfg.pooling)
             if cached is not None and len(cached) == n:
                 states[s.label][lang] = cached
             else:
@@ -321,16 +358,22 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         from polyalign.engine.runner import PrefixRunner
         from polyalign.engine.model_parts import max_context
         t0 = time.perf_counter()
-        lm = load_model(s.model, cfg.dtype, cfg.device, s.adapter, progress=cfg.progress)
+        lm = preloaded or load_model(s.model, cfg.dtype, cfg.device, s.adapter, progress=cfg.progress)
+        was_training = lm.model.training
+        lm.model.eval()
         runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
         limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
-        for lang in mine:
-            bar.set_postfix_str(f"{s.label}/{lang}")
-            ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-            st = collect_states(runner, ps, cfg.pooling, bar)
-            save_cached(output / "states" / s.label / f"{lang}.npz", keys[s.label, lang], cfg.pooling, st,
-                        items[lang], cfg.states_dtype)
-            states[s.label][lang] = st.astype(cfg.states_dtype).astype(np.float32)
+        try:
+            for lang in mine:
+                bar.set_postfix_str(f"{s.label}/{lang}")
+                ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+                st = collect_states(runner, ps, cfg.pooling, bar)
+                if output is not None:
+                    save_cached(output / "states" / s.label / f"{lang}.npz", keys[s.label, lang], cfg.pooling, st,
+                                items[lang], cfg.states_dtype)
+                states[s.label][lang] = st.astype(cfg.states_dtype).astype(np.float32)
+        finally:
+            lm.model.train(was_training)
         model_info[s.label].update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                                     "seconds": round(time.perf_counter() - t0, 3)})
         del lm, runner
@@ -343,21 +386,23 @@ def run_geometry(cfg: GeometryConfig) -> dict:
     return write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started)
 
 
-def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> dict:
-    output = Path(cfg.output)
+def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, issues, n, started) -> GeometryResult:
+    """The analysis of every model's states, and (with an output folder) its CSVs, figures, summary."""
+    output = Path(cfg.output) if cfg.output is not None else None
     n_layers = {s.label: model_info[s.label]["layers"] for s in specs}
     if len(set(n_layers.values())) != 1:
         raise PolyalignError(f"the models differ in depth: {n_layers}")
     chosen = parse_layers(cfg.layers, next(iter(n_layers.values())))
     results = {s.label: analyse(states[s.label], pivot, cfg.center) for s in specs}
 
-    write_csv(output / "pearson.csv", ["model", "layer", "lang_a", "lang_b", "r"],
-              [[s.label, *row] for s in specs for row in results[s.label][2]], CSV_FLOATS)
+    pearson_header = ["model", "layer", "lang_a", "lang_b", "r"]
+    pearson_rows = [[s.label, *row] for s in specs for row in results[s.label][2]]
+    align_header = ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"]
     align_rows = [[s.label, *row] for s in specs for row in results[s.label][3]]
-    if pivot is not None:
-        write_csv(output / "alignment.csv",
-                  ["model", "layer", "lang", "cos_parallel", "cos_nonparallel", "retrieval_acc"], align_rows,
-                  CSV_FLOATS)
+    if output is not None:
+        write_csv(output / "pearson.csv", pearson_header, pearson_rows, CSV_FLOATS)
+    if pivot is not None and output is not None:
+        write_csv(output / "alignment.csv", align_header, align_rows, CSV_FLOATS)
     ref = specs[0].label
     delta_rows = []
     if pivot is not None and len(specs) > 1:
@@ -366,15 +411,17 @@ def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, i
             if r[0] != ref:
                 b = base[(r[1], r[2])]
                 delta_rows.append([r[0], ref, r[1], r[2], *(x - y for x, y in zip(r[3:], b))])
-        write_csv(output / "alignment_delta.csv",
-                  ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel", "d_retrieval_acc"],
-                  delta_rows, CSV_FLOATS)
+        if output is not None:
+            write_csv(output / "alignment_delta.csv",
+                      ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel",
+                       "d_retrieval_acc"], delta_rows, CSV_FLOATS)
 
     figures = []
-    for layer in chosen:
-        figures.append(str(plot_pca(output / f"pca_layer{layer}.png", layer, langs, specs, results)))
-        figures.append(str(plot_pearson(output / f"pearson_layer{layer}.png", layer, langs, specs, results)))
-    figures.append(str(plot_alignment(output / "alignment.png", langs, specs, results, pivot, cfg.center)))
+    if output is not None:
+        for layer in chosen:
+            figures.append(str(plot_pca(output / f"pca_layer{layer}.png", layer, langs, specs, results)))
+            figures.append(str(plot_pearson(output / f"pearson_layer{layer}.png", layer, langs, specs, results)))
+        figures.append(str(plot_alignment(output / "alignment.png", langs, specs, results, pivot, cfg.center)))
 
     summary = {
         "command": "geometry",
@@ -415,10 +462,13 @@ def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, i
                                        for k, v in entry[s.label]["alignment_mean"].items()}
             entry[f"{s.label}-minus-{ref}"] = d
         summary["per_layer"][str(layer)] = entry
-    write_json(output / "summary.json", summary)
-    print(format_summary(summary, specs, pivot))
-    print(f"geometry: {output / 'summary.json'}")
-    return summary
+    if output is not None:
+        write_json(output / "summary.json", summary)
+    log.info("%s", format_summary(summary, specs, pivot))
+    if output is not None:
+        log.info("geometry: %s", output / "summary.json")
+    return GeometryResult(summary, [dict(zip(pearson_header, r)) for r in pearson_rows],
+                          [dict(zip(align_header, r)) for r in align_rows], states, output)
 
 
 def format_summary(summary: dict, specs, pivot) -> str:

@@ -20,24 +20,30 @@ missing (--recompute ignores them). What lens shares with geometry is in analysi
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.config import option
 from polyalign.errors import PolyalignError
-from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, cache_key, check_mode, load_items, model_specs,
-                                       prompt_texts, release_memory, write_npz)
+from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
+                                       check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
+                                       release_memory, write_npz)
+from polyalign.analysis.tuned_lens import LENS_KINDS, check_lens_kind, lens_views, tuned_states
 from polyalign.store import content_hash, write_csv, write_json
 from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
+
+log = logging.getLogger(__name__)
 
 MEASURES = ("target_answer", "english_answer", "target_all", "english_all", "entropy_bits")
 LN2 = math.log(2.0)
@@ -45,31 +51,6 @@ LATENT_MIN = 0.05   # the English answer must carry at least this mean mass to c
 PART_VERSION = 1    # bump when the per-language arrays change meaning
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder for --model")
-    p.add_argument("--compare-adapter", action="append", default=None, metavar="DIR",
-                   help="also analyse --model with this adapter (repeatable); outputs compare them "
-                        "with the first model (the base, or --adapter)")
-    p.add_argument("--task", default="amazon_polarity", help="task name or task YAML path")
-    p.add_argument("--data", default=None, help="data source (default: bundled); as for evaluate")
-    p.add_argument("--limit", type=int, default=None, help="N items per language, balanced, parallel")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
-    p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
-    p.add_argument("--trust-file-labels", action="store_true",
-                   help="paper-release data: take each file's own gold words instead of the parallel English ones")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
-    kw["compare_adapter"] = list(kw.get("compare_adapter") or [])
-    return cls(**kw)
-
-
-# ============================================================================= lens: token sets
 @dataclass
 class LensSets:
     """The `paper` token sets of one language: per class, in the target language and in English."""
@@ -158,7 +139,6 @@ def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None, translator
         if translators is None:
             states = answer_states(model, hidden, last_hidden, pos)
         else:  # issue 13: the tuned lens
-            from polyalign.analysis.tuned_lens import tuned_states
             states = tuned_states(model, translators, hidden, last_hidden,
                                   torch.arange(len(suffixes), device=pos.device), pos)
         probs, ent = lens_measures(model, states, columns)
@@ -243,51 +223,81 @@ def latent_reading(stats: dict) -> dict:
 # ============================================================================= command
 @dataclass
 class LensConfig:
-    model: str = "gemma-3-270m"
-    adapter: str | None = None
-    compare_adapter: list[str] = field(default_factory=list)
-    task: str = "amazon_polarity"
-    langs: str = "zh,ja,ru"
-    labels: str = "native"
-    output: str = "runs/lens"
-    data: str | None = None
-    limit: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    keep_overlapping: bool = False
-    trust_file_labels: bool = False
-    recompute: bool = False
-    progress: bool = True
-    lens: str = "logit"                 # issue 13: logit | tuned | both
-    tuned_lens: str | None = None       # folder written by `polyalign tune-lens`
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--langs", default="zh,ja,ru", help="'all', 'high', 'low' or a comma list")
-    p.add_argument("--labels", default="native", choices=list(LABEL_MODES),
-                   help="label words in the demos (the paper's lens uses native); the target answer is "
-                        "always the native word, the English twin the English word")
-    p.add_argument("--output", default="runs/lens")
-    p.add_argument("--keep-overlapping", action="store_true",
-                   help="keep samples whose English and target token sets overlap (counted either way)")
-    p.add_argument("--recompute", action="store_true",
-                   help="ignore the per-language results a previous run left in --output/parts")
+    """The options of `polyalign lens` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    adapter: str | None = adapter_option()
+    compare_adapter: list[str] = compare_adapter_option()
+    task: str = analysis_task_option()
+    langs: str = option("zh,ja,ru", help="'all', 'high', 'low' or a comma list")
+    labels: str = option("native", choices=LABEL_MODES,
+                         help="label words in the demos (the paper's lens uses native); the target answer is "
+                              "always the native word, the English twin the English word")
+    output: str = option("runs/lens", help="output folder")
+    data: str | None = C.data_option()
+    limit: int | None = C.limit_option()
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    batch_tokens: int | None = C.batch_tokens_option()
+    max_length: int | None = C.max_length_option()
+    keep_overlapping: bool = option(False, help="keep samples whose English and target token sets overlap "
+                                                "(counted either way)")
+    trust_file_labels: bool = C.trust_file_labels_option()
+    recompute: bool = option(False, help="ignore the per-language results a previous run left in --output/parts")
+    progress: bool = C.progress_option()
     # issue 13: the tuned lens
-    p.add_argument("--lens", default="logit", help="logit, tuned (needs --tuned-lens) or both (side by side)")
-    p.add_argument("--tuned-lens", default=None, metavar="DIR", help="a lens trained by `polyalign tune-lens`")
+    lens: str = option("logit", choices=LENS_KINDS,
+                       help="logit, tuned (needs --tuned-lens) or both (the two side by side)")
+    tuned_lens: str | None = option(None, metavar="DIR", help="a lens trained by `polyalign tune-lens`")
 
 
-def main(args: argparse.Namespace) -> None:
-    run_lens(config_from_args(LensConfig, args))
+@dataclass
+class LensResult(Mapping):
+    """What `run_lens` found. `summary` is summary.json's content (the result also reads like it:
+    `result["reading"]`); `stats[model][lang]` holds n and, per measure, the (mean, ci_low, ci_high)
+    arrays over layers; `samples[model][lang]` the per-sample arrays of samples.npz; `rows` the
+    lines of lens.csv. `figure()` draws the curves as a matplotlib Figure (no pyplot)."""
+    summary: dict
+    stats: dict
+    samples: dict
+    rows: list[dict]
+    models: list[str]
+    langs: list[str]
+    output: Path | None = None
+
+    def figure(self, lang: str | None = None):
+        """One language's Wendler-style panels (entropy strip, probability curves with 95% CI bands),
+        or with lang=None the target and English answer curves of every language side by side."""
+        specs = [AnalysedModel(label, "", None) for label in self.models]
+        if lang is None:
+            return overlay_figure(self.langs, specs, self.stats)
+        if lang not in self.langs:
+            raise PolyalignError(f"no lens results for {lang!r}; this result holds {', '.join(self.langs)}")
+        return lang_figure(lang, specs, self.stats)
+
+    def to_pandas(self):
+        """The rows of lens.csv as a pandas DataFrame (pandas is not a dependency)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.rows)
+
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def __iter__(self):
+        return iter(self.summary)
+
+    def __len__(self):
+        return len(self.summary)
 
 
-def run_lens(cfg: LensConfig) -> dict:
+def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
+    """The lens of `cfg.model` (with cfg.adapter, and each of cfg.compare_adapter), or of the loaded
+    `model` with its `tokenizer`. With `cfg.output` None nothing is written (no parts to resume from)."""
     from tqdm.auto import tqdm
 
-    from polyalign.models import load_model
+    from polyalign.models import from_loaded, load_model
     from polyalign.engine.runner import PrefixRunner
     from polyalign.engine.model_parts import max_context
 
@@ -296,32 +306,48 @@ def run_lens(cfg: LensConfig) -> dict:
     langs = languages.parse_langs(cfg.langs)
     check_mode(cfg.labels)
     check_lengths(cfg.batch_tokens, cfg.max_length)
-    from polyalign.analysis.tuned_lens import check_lens_kind, lens_views
     check_lens_kind(cfg.lens, cfg.tuned_lens)
     for lang in langs:  # cheap checks before any model loads
         task.demo_prefix(lang, cfg.labels)
         task.label_words(lang, "native")
         task.label_words(lang, "english")
-    specs, tuned = lens_views(model_specs(cfg.model, cfg.adapter, cfg.compare_adapter), cfg.lens, cfg.tuned_lens)
+    preloaded = None
+    if model is not None:
+        if cfg.adapter or cfg.compare_adapter:
+            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
+                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
+        preloaded = from_loaded(model, tokenizer)
+        cfg = replace(cfg, model=preloaded.name)
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+    else:
+        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    specs, tuned = lens_views(specs, cfg.lens, cfg.tuned_lens)   # with the tuned lens: <model>-tuned views
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     for line in issues:
-        print(f"data: {line}", file=sys.stderr)
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+        log.warning("data: %s", line)
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
 
     # Each (model, language) is kept in parts/<model>/<lang>.npz under a hash of everything that
     # determines it: a killed or repeated run computes only what is missing.
     task_hash = content_hash(Path(task.path).read_text("utf-8"))
+    weights = {}
+    if preloaded is not None and output is not None:   # a name says nothing about weights changed in memory
+        from polyalign.models import weights_fingerprint
+        weights = {"loaded_weights": weights_fingerprint(preloaded.model), "torch_dtype": str(preloaded.dtype)}
     results: dict[str, dict[str, dict]] = {s.label: {} for s in specs}     # label -> lang -> arrays
     set_info: dict[str, dict[str, dict]] = {s.label: {} for s in specs}
     todo: dict[AnalysedModel, list] = {}
     for spec in specs:
         for lang in langs:
-            key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
-                            v=PART_VERSION, gold=[it["label"] for it in items[lang]],
-                            **({"tuned_lens": tuned[spec.label].fingerprint} if spec.label in tuned else {}))
-            path = output / "parts" / spec.label / f"{lang}.npz"
-            got = None if cfg.recompute else load_part(path, key)
+            key = path = got = None
+            if output is not None:
+                key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
+                                v=PART_VERSION, gold=[it["label"] for it in items[lang]], **weights,
+                                **({"tuned_lens": tuned[spec.label].fingerprint} if spec.label in tuned else {}))
+                path = output / "parts" / spec.label / f"{lang}.npz"
+                got = None if cfg.recompute else load_part(path, key)
             if got is not None:
                 results[spec.label][lang], set_info[spec.label][lang] = got
             else:
@@ -330,31 +356,39 @@ def run_lens(cfg: LensConfig) -> dict:
     bar = tqdm(total=total, desc="lens", unit="item", disable=not cfg.progress or not total, dynamic_ncols=True)
     model_info = []
     lm = None
-    for i, spec in enumerate(specs):
+    for spec in specs:
         info = {"label": spec.label, "model": spec.model, "adapter": spec.adapter,
                 "cached_langs": sorted(results[spec.label])}
         if spec.label in tuned:
             info["lens"], info["tuned_lens"] = "tuned", tuned[spec.label].folder
         if spec in todo:
-            if lm is None or (lm.name, lm.adapter) != (spec.model, spec.adapter):   # logit and tuned views share a load
+            if preloaded is not None:
+                lm = preloaded
+            elif lm is None or (lm.name, lm.adapter) != (spec.model, spec.adapter):  # logit and tuned views share a load
                 lm = runner = None
                 release_memory()
                 lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+            was_training = lm.model.training
+            lm.model.eval()
             runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
             translators = tuned[spec.label].load(lm.model) if spec.label in tuned else None
             limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
             t0 = time.perf_counter()
-            for lang, key, path in todo[spec]:
-                bar.set_postfix_str(f"{spec.label}/{lang}")
-                sets = lens_sets(lm.tokenizer, task, lang)
-                ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-                arrays = run_group(lm.model, runner, ps, sets, bar, translators)
-                tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
-                          "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
-                          "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
-                          "overlap": sets.overlap}
-                save_part(path, key, arrays, tokens)
-                results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
+            try:
+                for lang, key, path in todo[spec]:
+                    bar.set_postfix_str(f"{spec.label}/{lang}")
+                    sets = lens_sets(lm.tokenizer, task, lang)
+                    ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
+                    arrays = run_group(lm.model, runner, ps, sets, bar, translators)
+                    tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
+                              "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
+                              "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
+                              "overlap": sets.overlap}
+                    if path is not None:
+                        save_part(path, key, arrays, tokens)
+                    results[spec.label][lang], set_info[spec.label][lang] = arrays, tokens
+            finally:
+                lm.model.train(was_training)
             info.update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "seconds": round(time.perf_counter() - t0, 3)})
             del runner
@@ -366,8 +400,9 @@ def run_lens(cfg: LensConfig) -> dict:
     return write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 
-def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> dict:
-    output = Path(cfg.output)
+def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started) -> LensResult:
+    """Statistics over the samples, and (with an output folder) the files: CSVs, samples.npz, figures."""
+    output = Path(cfg.output) if cfg.output is not None else None
     csv_rows, excl_rows, stats, readings = [], [], {}, {}
     arrays = {}
     for spec in specs:
@@ -386,18 +421,21 @@ def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, i
                 mean, lo, hi = st[m]
                 for layer in range(len(mean)) if st["n"] else []:
                     csv_rows.append([spec.label, lang, layer, m, mean[layer], lo[layer], hi[layer], st["n"]])
-    write_csv(output / "lens.csv", ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"], csv_rows,
-              CSV_FLOATS)
-    write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows, CSV_FLOATS)
-    write_npz(output / "samples.npz", arrays)
-    print(format_excluded(excl_rows, cfg.keep_overlapping))
+    csv_header = ["model", "lang", "layer", "measure", "mean", "ci_low", "ci_high", "n"]
+    if output is not None:
+        write_csv(output / "lens.csv", csv_header, csv_rows, CSV_FLOATS)
+        write_csv(output / "excluded.csv", ["model", "lang", "class", "n_excluded", "n_total"], excl_rows,
+                  CSV_FLOATS)
+        write_npz(output / "samples.npz", arrays)
+    log.info("%s", format_excluded(excl_rows, cfg.keep_overlapping))
 
     figures = []
-    for lang in langs:
-        if any(stats[s.label][lang]["n"] for s in specs):
-            figures.append(str(plot_lang(output / f"lens_{lang}.png", lang, specs, stats)))
-    if len(specs) > 1 and any(stats[s.label][lang]["n"] for s in specs for lang in langs):
-        figures.append(str(plot_overlay(output / "lens_overlay.png", langs, specs, stats)))
+    if output is not None:
+        for lang in langs:
+            if any(stats[s.label][lang]["n"] for s in specs):
+                figures.append(str(plot_lang(output / f"lens_{lang}.png", lang, specs, stats)))
+        if len(specs) > 1 and any(stats[s.label][lang]["n"] for s in specs for lang in langs):
+            figures.append(str(plot_overlay(output / "lens_overlay.png", langs, specs, stats)))
 
     summary = {
         "command": "lens",
@@ -416,10 +454,14 @@ def write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, i
                   "(ddof=1) over readable samples; latent_english = at some intermediate layer the English "
                   f"answer's CI lies wholly above the target answer's and its mean is at least {LATENT_MIN}"),
     }
-    write_json(output / "summary.json", summary)
-    print(format_readings(readings))
-    print(f"lens: {output / 'lens.csv'}")
-    return summary
+    if output is not None:
+        write_json(output / "summary.json", summary)
+    log.info("%s", format_readings(readings))
+    if output is not None:
+        log.info("lens: %s", output / "lens.csv")
+    samples = {s.label: {lang: results[s.label][lang] for lang in langs} for s in specs}
+    return LensResult(summary, stats, samples, [dict(zip(csv_header, r)) for r in csv_rows],
+                      [s.label for s in specs], list(langs), output)
 
 
 def format_excluded(rows: list[list], kept: bool) -> str:
@@ -466,11 +508,17 @@ def _curves(ax, st: dict, measures=("target_answer", "english_answer", "target_a
 
 
 def plot_lang(path: Path, lang: str, specs, stats) -> Path:
-    """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above."""
     from polyalign.reporting import plots
-    plt = plots.plt
+    return plots.save(lang_figure(lang, specs, stats), path)
+
+
+def lang_figure(lang: str, specs, stats):
+    """Wendler-style panel per model: probability curves with 95% CI bands, an entropy strip above."""
+    from matplotlib.figure import Figure
     shown = [s for s in specs if stats[s.label][lang]["n"]]
-    fig = plt.figure(figsize=(4.6 * len(shown), 4.2))
+    if not shown:
+        raise PolyalignError(f"no readable lens samples for {lang!r} to draw")
+    fig = Figure(figsize=(4.6 * len(shown), 4.2))
     gs = fig.add_gridspec(2, len(shown), height_ratios=[1, 7], hspace=0.08)
     vmax = max(float(np.nanmax(stats[s.label][lang]["entropy_bits"][0])) for s in shown)
     for j, s in enumerate(shown):
@@ -492,17 +540,26 @@ def plot_lang(path: Path, lang: str, specs, stats) -> Path:
         cb = fig.colorbar(im, ax=ax_e, orientation="vertical", fraction=0.04, pad=0.01)
         cb.set_label("bits", fontsize=7)
         cb.ax.tick_params(labelsize=6)
-    return plots.save(fig, path)
+    return fig
 
 
 def plot_overlay(path: Path, langs: list[str], specs, stats) -> Path:
-    """Target and English answer curves of every model, one panel per language."""
     from polyalign.reporting import plots
-    plt = plots.plt
+    return plots.save(overlay_figure(langs, specs, stats), path)
+
+
+def overlay_figure(langs: list[str], specs, stats):
+    """Target and English answer curves of every model, one panel per language."""
+    from matplotlib.figure import Figure
+
+    from polyalign.reporting import plots
     shown = [lang for lang in langs if any(stats[s.label][lang]["n"] for s in specs)]
+    if not shown:
+        raise PolyalignError("no readable lens samples to draw")
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    fig = Figure(figsize=(3.8 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, lang in zip(axes.flat, shown):
         for i, s in enumerate(specs):
             st = stats[s.label][lang]
@@ -514,4 +571,4 @@ def plot_overlay(path: Path, langs: list[str], specs, stats) -> Path:
     axes[0, 0].set_ylabel("probability")
     axes[0, 0].legend(loc="upper left", fontsize=7)
     fig.tight_layout()
-    return plots.save(fig, path)
+    return fig

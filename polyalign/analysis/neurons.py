@@ -338,11 +338,11 @@ def run_deactivation(cfg: NeuronsConfig, lm, spec, langs, eval_langs, sel: Selec
     acc: dict[str, dict[str, float]] = {}
     for name, _, neurons in runs:
         folder = Path(cfg.output) / "deactivate" / f"{name}-{content_hash(neurons)[:8]}"   # its own, keyed by the neurons
-        ecfg = EvalConfig(model=spec.model, adapter=spec.adapter, tasks=cfg.eval_task, langs=",".join(eval_langs),
+        ecfg = EvalConfig(model=spec.model, tasks=cfg.eval_task, langs=",".join(eval_langs),
                           labels=cfg.eval_labels, output=str(folder), data=cfg.eval_data, limit=cfg.eval_limit,
                           dtype=cfg.dtype, device=cfg.device, batch_tokens=cfg.batch_tokens, progress=cfg.progress)
         with deactivated(lm.model, neurons):
-            result = evaluate(ecfg, preloaded=lm)
+            result = evaluate(ecfg, model=lm)   # the loaded model, its adapter with it
         acc[name] = {r["lang"]: r["acc"] for r in result["rows"]}
     out = {"task": cfg.eval_task, "labels": cfg.eval_labels, "eval_langs": eval_langs, "accuracy": acc,
            "deactivated": [lang for name, lang, _ in runs if lang and not name.startswith("random-")],

@@ -7,67 +7,49 @@ and rank 0 merges them into the same files.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from polyalign import config as C
 from polyalign import hardware, languages
+from polyalign.config import option
 from polyalign.data import load_data
 from polyalign.errors import PolyalignError
 from polyalign.engine.prompts import check_lengths
+from polyalign.evaluation.scoring import RULES
 from polyalign.stats import wilson
 from polyalign.store import append_lines, check_fingerprint, content_hash, read_jsonl, write_json, write_jsonl
 from polyalign.tasks import LABEL_MODES, Task, parse_tasks
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EvalConfig:
-    model: str = "gemma-3-270m"
-    tasks: str = "amazon_polarity"
-    langs: str = "all"
-    labels: str = "english"
-    scoring: str = "paper"
-    output: str = "runs/eval"
-    data: str | None = None
-    limit: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    adapter: str | None = None
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    trust_file_labels: bool = False
-    progress: bool = True
+    """The options of `polyalign evaluate` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    tasks: str = option("amazon_polarity", help="comma list of task names or task YAML paths")
+    langs: str = option("all", help="'all', 'high', 'low' or a comma list (en,de,zh)")
+    labels: str = option("english", help=f"label mode(s): {', '.join(LABEL_MODES)} (comma list)")
+    scoring: str = option("paper", choices=RULES, help="how a class is scored at the answer position (see README)")
+    output: str = option("runs/eval", help="output folder (resumes the run it holds)")
+    data: str | None = C.data_option()
+    limit: int | None = C.limit_option()
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    adapter: str | None = option(None, help="PEFT LoRA adapter folder (loaded, not merged)")
+    batch_tokens: int | None = C.batch_tokens_option()
+    max_length: int | None = C.max_length_option()
+    trust_file_labels: bool = C.trust_file_labels_option()
+    progress: bool = C.progress_option()
     extra: dict = field(default_factory=dict)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
-    p.add_argument("--tasks", default="amazon_polarity", help="comma list of task names or task YAML paths")
-    p.add_argument("--langs", default="all", help="'all', 'high', 'low' or a comma list (en,de,zh)")
-    p.add_argument("--labels", default="english", help="label mode(s): english, native, agnostic (comma list)")
-    p.add_argument("--scoring", default="paper", choices=["paper", "first-token", "sequence"])
-    p.add_argument("--output", default="runs/eval")
-    p.add_argument("--data", default=None, help="data source (default: bundled); see README")
-    p.add_argument("--limit", type=int, default=None, help="N items per language, balanced, parallel")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (loaded, not merged)")
-    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
-    p.add_argument("--max-length", type=int, default=None, help="cap on prompt tokens (default: model context)")
-    p.add_argument("--trust-file-labels", action="store_true",
-                   help="paper-release data: take each file's own gold words instead of the parallel English ones")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def main(args: argparse.Namespace) -> None:
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
-    evaluate(cfg)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -146,12 +128,167 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the job
-def evaluate(cfg: EvalConfig, preloaded=None) -> dict:
-    """`preloaded`: an already loaded model (polyalign.models.LoadedModel) to evaluate instead of loading
-    cfg.model (neurons --deactivate evaluates one model under several hooks)."""
-    from polyalign.evaluation.scoring import Scorer, decide
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class EvalRow:
+    """One (task, language, label mode): a row of results.json (`acc_byte` with `sequence` scoring only)."""
+    task: str
+    lang: str
+    labels: str
+    scoring: str
+    n: int
+    acc: float
+    ci_low: float
+    ci_high: float
+    ties: int
+    truncated: int
+    acc_byte: float | None = None
 
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["acc_byte"] is None:
+            del d["acc_byte"]
+        return d
+
+
+@dataclass(frozen=True)
+class EvalAverage:
+    """The mean accuracy of a (task, label mode, scoring) over a group of languages (all, high, low)."""
+    task: str
+    labels: str
+    scoring: str
+    langs: str
+    n_langs: int
+    acc: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult(Mapping):
+    """What `evaluate` found: `rows` and `averages` as typed records, `samples` (one dict per scored
+    item, as the samples/*.jsonl lines), and the rest of results.json. `to_dict()` is exactly what
+    results.json holds (with an output folder, its rows cover every sample in the folder); the
+    result also reads like that dict (`result["rows"]`)."""
+    rows: list[EvalRow]
+    averages: list[EvalAverage]
+    samples: list[dict]
+    model: dict
+    config: dict
+    versions: dict
+    machine: dict
+    git: str | None
+    timing: dict
+    data_issues: list[str]
+    label_overlaps: list[str]
+    output: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"rows": [r.to_dict() for r in self.rows], "averages": [a.to_dict() for a in self.averages],
+                "model": self.model, "config": self.config, "versions": self.versions, "machine": self.machine,
+                "git": self.git, "timing": self.timing, "data_issues": self.data_issues,
+                "label_overlaps": self.label_overlaps}
+
+    def to_pandas(self, what: str = "rows"):
+        """`rows`, `averages` or `samples` as a pandas DataFrame (pandas is not a dependency)."""
+        tables = {"rows": lambda: [r.to_dict() for r in self.rows],
+                  "averages": lambda: [a.to_dict() for a in self.averages], "samples": lambda: self.samples}
+        if what not in tables:
+            raise PolyalignError(f"to_pandas: unknown table {what!r}; use {', '.join(tables)}")
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame(tables[what]())
+
+    def table(self) -> str:
+        """The accuracy table the command line prints."""
+        return format_table([r.to_dict() for r in self.rows])
+
+    # Mapping over to_dict(), so that code written for the dict evaluate returned keeps working.
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self):
+        return len(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, results: dict, samples: list[dict], output: Path | None) -> "EvalResult":
+        return cls(rows=[EvalRow(**r) for r in results["rows"]],
+                   averages=[EvalAverage(**a) for a in results["averages"]], samples=samples,
+                   output=output, **{k: v for k, v in results.items() if k not in ("rows", "averages")})
+
+
+# ----------------------------------------------------------------------------- where samples go
+class _FolderSamples:
+    """Samples in <output>/samples/<task>/<labels>/<lang>.jsonl, appended batch by batch; under
+    several processes each rank appends to <lang>.rank<r>.jsonl and rank 0 merges them."""
+
+    def __init__(self, output: Path, rank: int, world: int):
+        self.output, self.rank, self.world = output, rank, world
+
+    def _paths(self, task: str, mode: str, lang: str) -> tuple[Path, Path]:
+        path = sample_path(self.output, task, mode, lang)
+        return path, path if self.world == 1 else path.with_name(f"{lang}.rank{self.rank}.jsonl")
+
+    def done(self, task: str, mode: str, lang: str) -> set:
+        path, mine = self._paths(task, mode, lang)
+        done = {s["id"] for s in read_jsonl(path, repair=self.world == 1)}
+        for part in path.parent.glob(f"{lang}.rank*.jsonl"):
+            done |= {s["id"] for s in read_jsonl(part, repair=part == mine)}
+        return done
+
+    def append(self, task: str, mode: str, lang: str, records: list[dict]) -> None:
+        append_lines(self._paths(task, mode, lang)[1], records)
+
+    def merge(self, task: str, mode: str, lang: str, ids: list) -> list[dict] | None:
+        """On rank 0: every rank's samples in data order (the file rewritten so); None elsewhere."""
+        if self.rank != 0:
+            return None
+        path = self._paths(task, mode, lang)[0]
+        merged = {s["id"]: s for s in read_jsonl(path)}
+        parts = list(path.parent.glob(f"{lang}.rank*.jsonl"))
+        for part in parts:
+            merged.update({s["id"]: s for s in read_jsonl(part)})
+        ordered = [merged[i] for i in ids if i in merged]
+        if parts or [s["id"] for s in read_jsonl(path)] != [s["id"] for s in ordered]:
+            write_jsonl(path, ordered)  # canonical file order, identical whatever the resume history
+            for part in parts:
+                part.unlink()
+        return ordered
+
+
+class _MemorySamples:
+    """Samples kept in memory (no output folder); under several processes rank 0 gathers them."""
+
+    def __init__(self, world: int):
+        self.world, self.records = world, {}
+
+    def done(self, task: str, mode: str, lang: str) -> set:
+        return {s["id"] for s in self.records.get((task, mode, lang), [])}
+
+    def append(self, task: str, mode: str, lang: str, records: list[dict]) -> None:
+        self.records.setdefault((task, mode, lang), []).extend(records)
+
+    def merge(self, task: str, mode: str, lang: str, ids: list) -> list[dict] | None:
+        mine = self.records.pop((task, mode, lang), [])
+        if self.world > 1:
+            from accelerate.utils import gather_object
+            mine = gather_object(mine)       # every rank calls it; each gets every rank's records
+        merged = {s["id"]: s for s in mine}
+        return [merged[i] for i in ids if i in merged]
+
+
+# ----------------------------------------------------------------------------- the job
+def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> EvalResult:
+    """Evaluate `cfg.model` (or the loaded `model` with its `tokenizer`) on cfg's tasks, languages and
+    label modes. With `cfg.output` None nothing is written and the samples stay in memory; with a
+    folder, samples are appended batch by batch, results.json rewritten after every language, and
+    a rerun resumes. Under several processes the returned result is rank 0's (None elsewhere)."""
     rank, world, state = _dist(cfg.device)
     tasks: list[Task] = parse_tasks(cfg.tasks)
     langs = languages.parse_langs(cfg.langs)
@@ -163,14 +300,26 @@ def evaluate(cfg: EvalConfig, preloaded=None) -> dict:
             raise PolyalignError(f"unknown label mode {m!r}; use {', '.join(LABEL_MODES)}")
     if cfg.limit is not None and cfg.limit <= 0:
         raise PolyalignError("--limit must be a positive number")
+    from polyalign.evaluation.scoring import RULES
+    if cfg.scoring not in RULES:     # the CLI's choices catch it there; from Python, before the model loads
+        raise PolyalignError(f"unknown scoring rule {cfg.scoring!r}; use one of {', '.join(RULES)}")
     check_lengths(cfg.batch_tokens, cfg.max_length)
-    from polyalign.models import check_adapter, resolve_device, resolve_dtype
-    device = str(state.device) if state and cfg.device == "auto" else cfg.device
-    dev = resolve_device(device)  # --device cuda without CUDA, and fp16 on a CPU, are refused now
-    if cfg.dtype == "fp16":       # (other dtypes are resolved, and warned about, once, by load_model)
-        resolve_dtype(cfg.dtype, dev)
-    if cfg.adapter:
-        check_adapter(cfg.adapter)
+    from polyalign.models import check_adapter, from_loaded, resolve_device, resolve_dtype
+    if model is not None:
+        if cfg.adapter:
+            raise PolyalignError("adapter= applies to a model name; wrap a loaded model with "
+                                 "peft.PeftModel.from_pretrained(model, adapter) instead")
+        lm = from_loaded(model, tokenizer)
+        cfg = replace(cfg, model=lm.name)
+        device = str(lm.device)
+    else:
+        lm = None
+        device = str(state.device) if state and cfg.device == "auto" else cfg.device
+        dev = resolve_device(device)  # --device cuda without CUDA, and fp16 on a CPU, are refused now
+        if cfg.dtype == "fp16":       # (other dtypes are resolved, and warned about, once, by load_model)
+            resolve_dtype(cfg.dtype, dev)
+        if cfg.adapter:
+            check_adapter(cfg.adapter)
     # Validate everything cheap before the model loads: prompts, label words, data.
     datasets, issues = {}, []
     for task in tasks:
@@ -187,56 +336,73 @@ def evaluate(cfg: EvalConfig, preloaded=None) -> dict:
         datasets[task.name] = loaded.items
         issues += loaded.issues
     for line in issues:
-        print(f"data: {line}", file=sys.stderr) if rank == 0 else None
+        log.warning("data: %s", line) if rank == 0 else None
 
-    output = Path(cfg.output)
+    output = Path(cfg.output) if cfg.output is not None else None
     settings = {"model": cfg.model, "adapter": cfg.adapter, "dtype": cfg.dtype, "scoring": cfg.scoring,
                 "data": cfg.data, "limit": cfg.limit, "max_length": cfg.max_length,
                 "trust_file_labels": cfg.trust_file_labels}
     settings.update({f"task:{t.name}": content_hash(Path(t.path).read_text("utf-8")) for t in tasks})
     if cfg.batch_tokens is not None:   # the default budget is known once the device is (below)
         settings["batch_tokens"] = cfg.batch_tokens
+    if output is not None and lm is not None:
+        # A name says nothing about weights changed in memory: the folder keeps theirs too.
+        from polyalign.models import weights_fingerprint
+        settings.update({"adapter": lm.adapter, "weights": weights_fingerprint(lm.model)})
     # Every process checks (so that none waits forever for a rank that failed); the settings are
     # recorded only once the model has loaded, so that a typo in --model does not claim the folder.
-    check_fingerprint(output, "run.json", settings, record=False)
+    if output is not None:
+        check_fingerprint(output, "run.json", settings, record=False)
 
-    from polyalign.models import load_model
-    lm = preloaded if preloaded is not None else load_model(cfg.model, cfg.dtype, device, cfg.adapter,
-                                                            progress=cfg.progress and rank == 0)
+    if lm is None:
+        from polyalign.models import load_model
+        lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter, progress=cfg.progress and rank == 0)
+    was_training = lm.model.training
+    lm.model.eval()          # dropout off while scoring; a loaded model gets its mode back below
+    try:
+        return _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, rank, world, state)
+    finally:
+        lm.model.train(was_training)
+
+
+def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, rank, world, state) -> EvalResult | None:
+    """The scoring loop of `evaluate`, once the inputs are checked and the model is there."""
+    from polyalign.evaluation.scoring import Scorer, decide
+
     scorer = Scorer(lm.model, lm.tokenizer, cfg.scoring, cfg.batch_tokens, cfg.max_length)
     # Options that change scores in the last bits, as resolved: the batch budget (an item's matmuls
     # see its batch's rows; see README), and the device and dtype that `auto` chose.
     settings.update({"batch_tokens": scorer.runner.token_budget, "device": lm.device.type,
                      "torch_dtype": str(lm.dtype).replace("torch.", "")})
-    check_fingerprint(output, "run.json", settings, record=False)
-    if rank == 0:
-        check_fingerprint(output, "run.json", settings)
-        rescored = _forget_changed_data(output, datasets)
-        issues += rescored
-        for line in rescored:
-            print(f"data: {line}", file=sys.stderr)
+    if output is not None:
+        check_fingerprint(output, "run.json", settings, record=False)
+        if rank == 0:
+            check_fingerprint(output, "run.json", settings)
+            rescored = _forget_changed_data(output, datasets)
+            issues += rescored
+            for line in rescored:
+                log.warning("data: %s", line)
+        store = _FolderSamples(output, rank, world)
+    else:
+        store = _MemorySamples(world)
     if state:
         state.wait_for_everyone()
     machine = {**hardware.describe(lm.device), **scorer.runner.fast_paths()}
     planned = {(t.name, m, lang) for t in tasks for m in modes for lang in langs}
-    others = _other_rows(output, planned, cfg.scoring) if rank == 0 else []
+    others = _other_rows(output, planned, cfg.scoring) if rank == 0 and output is not None else []
 
     from tqdm.auto import tqdm
     plan = [(t, m, lang) for t in tasks for m in modes for lang in langs]
     total = sum(len(datasets[t.name][lang]) for t, _, lang in plan)
     bar = tqdm(total=total, desc="evaluate", unit="item", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True)
-    rows, overlaps = [], []
+    rows, overlaps, samples = [], [], []
     scored_items = scored_tokens = 0
     scoring_seconds = 0.0
     for task, mode, lang in plan:
         items = datasets[task.name][lang]
         ids = [it["id"] for it in items]
-        path = sample_path(output, task.name, mode, lang)
-        mine = path if world == 1 else path.with_name(f"{lang}.rank{rank}.jsonl")
-        done = {s["id"] for s in read_jsonl(path, repair=world == 1)}
-        for part in path.parent.glob(f"{lang}.rank*.jsonl"):
-            done |= {s["id"] for s in read_jsonl(part, repair=part == mine)}
+        done = store.done(task.name, mode, lang)
         bar.set_postfix_str(f"{task.name}/{mode}/{lang}")
         bar.update(sum(1 for i in ids if i in done))
         if len(done) < len(items):
@@ -269,38 +435,33 @@ def evaluate(cfg: EvalConfig, preloaded=None) -> dict:
                         rec["pred_byte"] = task.classes[decide(res["scores_per_byte"], where)[0]]
                     records.append(rec)
                     scored_tokens += len(scorer.rows(group, p)[0])
-                append_lines(mine, records)
+                store.append(task.name, mode, lang, records)
                 scored_items += len(records)
                 bar.update(len(records) * world)
             scoring_seconds += time.perf_counter() - started
         if state:
             state.wait_for_everyone()
+        ordered = store.merge(task.name, mode, lang, ids)
         if rank == 0:
-            merged = {s["id"]: s for s in read_jsonl(path)}
-            parts = list(path.parent.glob(f"{lang}.rank*.jsonl"))
-            for part in parts:
-                merged.update({s["id"]: s for s in read_jsonl(part)})
-            ordered = [merged[i] for i in ids if i in merged]
-            if parts or [s["id"] for s in read_jsonl(path)] != [s["id"] for s in ordered]:
-                write_jsonl(path, ordered)  # canonical file order, identical whatever the resume history
-                for part in parts:
-                    part.unlink()
+            samples += ordered
             rows.append(summarize(ordered, task.name, lang, mode, cfg.scoring))
-            bar.write(f"{task.name:<16} {mode:<8} {lang:<3} acc {rows[-1]['acc']:.3f}  (n={rows[-1]['n']})")
-            _write_results(output, cfg, lm, machine, _in_order(rows + others, tasks, modes, langs), issues,
-                           overlaps, scoring_seconds, scored_items, scored_tokens)
+            log.info("%-16s %-8s %-3s acc %.3f  (n=%d)", task.name, mode, lang, rows[-1]["acc"], rows[-1]["n"])
+            if output is not None:
+                _write_results(output, cfg, lm, machine, _in_order(rows + others, tasks, modes, langs), issues,
+                               overlaps, scoring_seconds, scored_items, scored_tokens)
         if state:
             state.wait_for_everyone()
     bar.close()
-    results = None
-    if rank == 0:
-        results = _write_results(output, cfg, lm, machine, _in_order(rows + others, tasks, modes, langs),
-                                 issues, overlaps, scoring_seconds, scored_items, scored_tokens)
-        print(format_table(rows))
-        for a in results["averages"]:
-            print(f"average {a['task']}/{a['labels']} over {a['langs']} ({a['n_langs']} langs): {a['acc']:.3f}")
-        print(f"results: {output / 'results.json'}")
-    return results
+    if rank != 0:
+        return None
+    results = _write_results(output, cfg, lm, machine, _in_order(rows + others, tasks, modes, langs),
+                             issues, overlaps, scoring_seconds, scored_items, scored_tokens)
+    log.info("%s", format_table(rows))
+    for a in results["averages"]:
+        log.info("average %s/%s over %s (%d langs): %.3f", a["task"], a["labels"], a["langs"], a["n_langs"], a["acc"])
+    if output is not None:
+        log.info("results: %s", output / "results.json")
+    return EvalResult.from_dict(results, samples, output)
 
 
 def _forget_changed_data(output: Path, datasets: dict[str, dict[str, list[dict]]]) -> list[str]:
@@ -357,10 +518,11 @@ def _in_order(rows: list[dict], tasks: list[Task], modes: list[str], langs: list
 
 
 def _write_results(output, cfg, lm, machine, rows, issues, overlaps, seconds, items, tokens) -> dict:
+    """results.json's content; written (atomically) when there is an output folder."""
     results = {
         "rows": rows,
         "averages": averages(rows),
-        "model": {"name": cfg.model, "adapter": cfg.adapter, "dtype": str(lm.dtype).replace("torch.", ""),
+        "model": {"name": cfg.model, "adapter": lm.adapter, "dtype": str(lm.dtype).replace("torch.", ""),
                   "device": str(lm.device)},
         "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "extra")},
         "versions": versions(),
@@ -372,5 +534,6 @@ def _write_results(output, cfg, lm, machine, rows, issues, overlaps, seconds, it
         "data_issues": issues,
         "label_overlaps": overlaps,
     }
-    write_json(output / "results.json", results)
+    if output is not None:
+        write_json(output / "results.json", results)
     return results

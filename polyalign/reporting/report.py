@@ -7,7 +7,6 @@ logs, the lens and geometry outputs), so it can be rebuilt at any time, also for
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
@@ -19,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from polyalign import languages
+from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.stats import discordant, holm, mcnemar_from_counts, paired_bootstrap_delta
 from polyalign.store import atomic_path, read_jsonl, safe_name, write_atomic, write_csv
@@ -326,7 +326,7 @@ def broken_steps(run: Path, steps: list[dict]) -> dict[str, tuple[Path, str]]:
     """label -> (folder, problem) of the finished steps whose outputs are missing or do not parse: a
     step is done only while they are there (a deleted results.json would otherwise drop its setting
     from every table without a word)."""
-    from polyalign.experiment.run import outputs_problem
+    from polyalign.experiment.plan import outputs_problem
     out = {}
     for s in steps:
         if s.get("status") == "done" or (run / s["dir"] / "done.json").exists():
@@ -358,8 +358,8 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     models = [m["label"] for m in manifest.get("models", [])]
     steps = manifest.get("steps", [])
     broken = {label: problem for label, (_, problem) in broken_steps(run, steps).items()}
-    for label, problem in broken.items():
-        log.warning("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
+    for label, problem in broken.items():   # info: `polyalign report` then fails with this as its one error line
+        log.info("%s: %s; rerun `polyalign run` to rebuild it", label, problem)
     done = [s for s in steps if s["label"] not in broken
             and (s.get("status") == "done" or (run / s["dir"] / "done.json").exists())]
     pending = [s for s in steps if s not in done]
@@ -859,21 +859,33 @@ def _alignment_table(rows: list[dict], step: dict, folder: Path) -> Table | None
                  csv_rows=[dict(r) for r in rows])
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run folder written by `polyalign run`")
-    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: the experiment's)")
-    p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the experiment's)")
+# ----------------------------------------------------------------------------- the command
+@dataclass
+class ReportConfig:
+    """The options of `polyalign report`."""
+    run_dir: str = option("", positional=True, required=True, help="a run folder written by `polyalign run`")
+    bootstrap: int | None = option(None, help="bootstrap resamples (default: the experiment's)")
+    seed: int | None = option(None, help="bootstrap seed (default: the experiment's)")
 
 
-def main(args: argparse.Namespace) -> None:
-    out = build_report(args.run_dir, args.bootstrap, args.seed)
-    print(f"report: {Path(args.run_dir) / 'report.md'}")
-    print(str(out))
-    run = Path(args.run_dir)
+@dataclass
+class ReportResult:
+    markdown: Path
+    html: Path
+    broken: dict[str, tuple[Path, str]]     # step label -> (folder, what is wrong); the report leaves them out
+
+    def problem(self) -> str | None:
+        """One line about the broken steps, or None: the report is written, but a damaged run is no success."""
+        if not self.broken:
+            return None
+        label, (folder, problem) = next(iter(self.broken.items()))
+        more = f"; {len(self.broken) - 1} more broken step(s)" if len(self.broken) > 1 else ""
+        return (f"{label}: {problem} in {folder} (the report leaves it out); rerun `polyalign run` "
+                f"to rebuild it, or delete its done.json" + more)
+
+
+def run_report(cfg: ReportConfig) -> ReportResult:
+    html = build_report(cfg.run_dir, cfg.bootstrap, cfg.seed)
+    run = Path(cfg.run_dir)
     broken = broken_steps(run, json.loads((run / "manifest.json").read_text("utf-8")).get("steps", []))
-    if broken:     # the report is written (it lists them), but a damaged run is not a success
-        label, (folder, problem) = next(iter(broken.items()))
-        raise PolyalignError(f"{label}: {problem} in {folder} (the report leaves it out); rerun `polyalign run` "
-                             f"to rebuild it, or delete its done.json" + (f"; {len(broken) - 1} more broken step(s)"
-                                                                          if len(broken) > 1 else ""))
+    return ReportResult(run / "report.md", html, broken)

@@ -22,74 +22,57 @@ dataset_info.json + alpaca_train.json + alpaca_val.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.config import option
 from polyalign.data import read_records
 from polyalign.errors import PolyalignError
 from polyalign.store import RunRecord, atomic_folder, claim_output, content_hash, safe_name, write_json, write_jsonl
 from polyalign.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
 
 INSTRUCTION = "\nTranslate the input from {source} to {target}:\n"
 
 
 @dataclass
 class PrepareConfig:
-    task: str = "snli"
-    sources: str = "zh,de"              # comma list of source language codes
-    target: str = "en"
-    output: str = "data/prepared"
-    per_language: int | None = 10000    # parallel questions taken per source language (file order)
-    data: str | None = None             # see the module docstring; None = the bundled pool
-    translator: str | None = None       # hf-mt:MODEL or llm:MODEL
-    fields: str | None = None           # English source columns, e.g. "review=content"
-    translation_cache: str | None = None
-    val_size: float = 0.05              # a fraction (< 1) or a number of pairs (>= 1)
-    seed: int = 42
-    batch_size: int = 16                # translator batch size
-    num_beams: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
-    progress: bool = True
+    """The options of `polyalign prepare` (the CLI, experiment files and Python read them from here)."""
+    task: str = option("snli", help="task name (amazon_polarity, snli, paws) or a task YAML path")
+    sources: str = option("zh,de", required=True, help="source languages, a comma list such as zh,de")
+    target: str = option("en", help="target language")
+    output: str = option("data/prepared", required=True, help="output folder (must be new, or hold the same run)")
+    per_language: int | None = option(10000, help="parallel questions per source language (file order)")
+    data: str | None = option(None, help="paper-release folder, parallel files with {lang} (qs/{lang}.jsonl), a "
+                                         "folder with <task>/<lang>.jsonl, or with --translator the English "
+                                         "questions (file or hf:NAME[@SPLIT]); default: the bundled question pool")
+    translator: str | None = option(None, help="hf-mt:MODEL (NLLB, M2M100, mBART-50, Marian) or llm:MODEL")
+    fields: str | None = option(None, help="map task fields to English source columns: review=content")
+    translation_cache: str | None = option(None, help="translation cache JSONL (default: <polyalign cache>/"
+                                                      "translations.jsonl)")
+    val_size: float = option(0.05, help="validation share (<1) or number of pairs (>=1)")
+    seed: int = option(42, help="seed of the split and the mix")
+    batch_size: int = option(16, help="translator batch size")
+    num_beams: int = option(1, help="beam size of the hf-mt translator")
+    device: str = C.device_option("translator device")
+    dtype: str = C.dtype_option("translator dtype")
+    progress: bool = C.progress_option()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="snli", help="task name (amazon_polarity, snli, paws) or a task YAML path")
-    p.add_argument("--sources", required=True, help="source languages, a comma list such as zh,de")
-    p.add_argument("--target", default="en", help="target language (default en)")
-    p.add_argument("--output", required=True, help="output folder (must be new, or hold the same run)")
-    p.add_argument("--per-language", type=int, default=10000, help="parallel questions per source language")
-    p.add_argument("--data", default=None,
-                   help="paper-release folder, parallel files with {lang} (qs/{lang}.jsonl), a folder with "
-                        "<task>/<lang>.jsonl, or with --translator the English questions (file or hf:NAME[@SPLIT]); "
-                        "default: the bundled question pool")
-    p.add_argument("--translator", default=None, help="hf-mt:MODEL (NLLB, M2M100, mBART-50, Marian) or llm:MODEL")
-    p.add_argument("--fields", default=None, help="map task fields to English source columns: review=content")
-    p.add_argument("--translation-cache", default=None,
-                   help="translation cache JSONL (default: <polyalign cache>/translations.jsonl)")
-    p.add_argument("--val-size", type=float, default=0.05, help="validation share (<1) or number of pairs (>=1)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=16, help="translator batch size")
-    p.add_argument("--num-beams", type=int, default=1, help="beam size of the hf-mt translator")
-    p.add_argument("--device", default="auto", help="translator device")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="translator dtype")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def main(args: argparse.Namespace) -> None:
-    cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if k in PrepareConfig.__dataclass_fields__})
-    m = prepare(cfg)
-    c = m["counts"]
+def summary_line(cfg: PrepareConfig, manifest: dict) -> str:
+    """What `polyalign prepare` prints when it is done."""
+    c = manifest["counts"]
     per = ", ".join(f"{s}: {v['pairs']}" for s, v in c["per_source"].items())
-    print(f"prepared {c['train']} train + {c['val']} val pairs ({per}; "
-          f"{sum(m['dropped_duplicates'].values())} duplicates dropped) in {cfg.output}")
+    return (f"prepared {c['train']} train + {c['val']} val pairs ({per}; "
+            f"{sum(manifest['dropped_duplicates'].values())} duplicates dropped) in {cfg.output}")
 
 
 # ----------------------------------------------------------------------------- sources of questions
@@ -369,7 +352,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             if c < cfg.per_language:
                 issues.append(f"{src}: only {c} questions available (asked for {cfg.per_language})")
     for line in issues:
-        print(f"prepare: {line}", file=sys.stderr)
+        log.warning("prepare: %s", line)
 
     # Drop duplicate pairs (the first occurrence stays), then split and mix with the seed.
     seen, kept, dropped = set(), [], {s: 0 for s in sources}
@@ -388,7 +371,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         if existing.get("data_hash") != data_hash:
             raise PolyalignError(f"{out} holds a set built from other source data (the files changed since); "
                                  f"choose another --output")
-        print(f"prepare: {out} already holds this set; nothing to do", file=sys.stderr)
+        log.warning("prepare: %s already holds this set; nothing to do", out)
         return existing
 
     per_source = {}

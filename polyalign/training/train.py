@@ -2,7 +2,7 @@
 
     polyalign train --model gemma-3-270m --data data/zhde-en --output adapters/zhde-en [key=value ...]
 
-Defaults are the paper's (resources/train_defaults.yaml): LoRA r=8, alpha=16, dropout 0 on q_proj and
+Defaults are the paper's (TrainConfig below): LoRA r=8, alpha=16, dropout 0 on q_proj and
 v_proj; lr 5e-5, cosine schedule, 10% warmup; 3 epochs; an effective batch of 16 sequences; eval loss on
 the validation split; cutoff 2048 tokens. The loss covers only the target side: one cross-entropy per
 target token (output + eos), averaged over all target tokens of the 16 sequences of an optimizer step,
@@ -28,7 +28,6 @@ checkpoints/ (for --resume) and, with --merge, a merged model in <output>/merged
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import math
@@ -38,165 +37,137 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
-from importlib.resources import files
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from polyalign import config as C
+from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.store import (RunRecord, append_lines, atomic_folder, atomic_path, claim_output, content_hash,
                              publish_folder, read_jsonl, write_atomic, write_json, write_jsonl)
 
 # Keys that may differ between a run and its resumption (they change neither the data nor the maths).
 NON_SEMANTIC = {"device", "threads", "save_steps", "save_total_limit"}
-FRACTIONAL = {"epochs", "lora_alpha"}      # whole numbers by default, fractions allowed
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-def defaults() -> dict:
-    return yaml.safe_load(files("polyalign").joinpath("resources/train_defaults.yaml").read_text("utf-8"))
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""                      # a `polyalign prepare` folder, or a .jsonl/.json file of pairs
-    output: str = ""
-    config: str | None = None           # YAML file with any subset of the defaults' keys
-    overrides: list[str] = field(default_factory=list)   # "key=value" strings, applied last
-    resume: bool = False
-    merge: bool = False
-    progress: bool = True
-    # Every key of resources/train_defaults.yaml; None = not set here (the default or --config applies).
-    model: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    chat_template: bool | None = None
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    lora_target: list[str] | None = None
-    lr: float | None = None
-    scheduler: str | None = None
-    warmup_ratio: float | None = None
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    micro_batch_size: int | None = None
-    weight_decay: float | None = None
-    max_grad_norm: float | None = None
-    adam_beta1: float | None = None
-    adam_beta2: float | None = None
-    adam_epsilon: float | None = None
-    seed: int | None = None
-    cutoff: int | None = None
-    val_ratio: float | None = None
-    logging_steps: int | None = None
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int | None = None
-    loss_chunk: int | None = None
-    gradient_checkpointing: bool | None = None
-    threads: int | None = None
+    """The options of `polyalign train`. The hyper-parameters (from `model` on) default to the paper's
+    LLaMA-Factory setting (Zhang et al. 2024, Sec. 3); `--config FILE` and `key=value` set any of them:
+    defaults <- --config file <- fields set here (a field left at its default lets the file decide)
+    <- key=value overrides (see resolve_config)."""
+    data: str = option("", required=True, help="a `polyalign prepare` folder, or a .jsonl/.json file of "
+                                               "{input, output} (or {input, answer}, or alpaca) records")
+    output: str = option("", required=True, help="output folder for the adapter, logs and checkpoints")
+    config: str | None = option(None, help="YAML file setting any of the hyper-parameters below (as key: value)")
+    overrides: list[str] = option([], positional=True, metavar="key=value",
+                                  help="override any setting, e.g. epochs=1 max_steps=20 lr=1e-4 (see docs/training.md)")
+    resume: bool = option(False, help="continue from the last checkpoint in --output")
+    merge: bool = option(False, help="also write the merged model to <output>/merged")
+    progress: bool = C.progress_option()
+    # ---- the hyper-parameters (the keys of --config, key=value and an experiment's `train:`)
+    model: str = C.model_option()
+    dtype: str = C.dtype_option("auto (bf16 where the CPU/GPU supports it, else fp16 on GPU / fp32), bf16, fp16, "
+                                "fp32; the frozen base's dtype (LoRA weights and optimizer state stay fp32)")
+    device: str = C.device_option("auto, cpu, cuda; under `accelerate launch` each process takes its own device")
+    chat_template: bool = option(False, help="wrap the input in the tokenizer's chat template (for chat models)")
+    # LoRA (peft): the paper's r=8, alpha=16 (LLaMA-Factory defaults), dropout 0, on q_proj and v_proj.
+    lora_r: int = option(8, help="LoRA rank")
+    lora_alpha: float = option(16, help="LoRA alpha (a whole number by default, fractions allowed)")
+    lora_dropout: float = option(0.0, help="LoRA dropout")
+    lora_target: list[str] = option(["q_proj", "v_proj"], help="modules LoRA adapts (comma list)")
+    # Optimisation: AdamW, cosine schedule with 10% warmup, 3 epochs (the paper uses 1 for PAWS).
+    lr: float = option(5.0e-5, help="AdamW learning rate")
+    scheduler: str = option("cosine", choices=SCHEDULERS, help="learning-rate schedule after the warmup")
+    warmup_ratio: float = option(0.1, help="share of the steps that warm up")
+    epochs: float = option(3, help="epochs (a whole number by default, fractions allowed)")
+    max_steps: int = option(0, help="> 0: stop after this many optimizer steps (the schedule spans them)")
+    batch_size: int = option(16, help="effective batch: sequences per optimizer step, over all processes")
+    micro_batch_size: int = option(4, help="sequences per forward pass per process (the paper: 4 x accumulation 4)")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)")
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.999, help="AdamW beta2")
+    adam_epsilon: float = option(1.0e-8, help="AdamW epsilon")
+    seed: int = option(42, help="seed of the LoRA init, the data order and the validation split")
+    # Data
+    cutoff: int = option(2048, help="tokens per example (input + output); longer ones are truncated and counted")
+    val_ratio: float = option(0.05, help="held-out share when --data is a single file without a validation split")
+    # Cadence (in optimizer steps). 0 = automatic: eval ~10 times per run, save ~20 times per run.
+    logging_steps: int = option(10, help="log the training loss every N optimizer steps")
+    eval_steps: int = option(0, help="validation loss every N steps (0: about 10 times per run)")
+    save_steps: int = option(0, help="checkpoint every N steps (0: every 50 steps or 5% of the run, whichever comes first)")
+    save_total_limit: int = option(2, help="checkpoints kept under <output>/checkpoints")
+    # Speed and memory
+    loss_chunk: int = option(0, help="target positions per chunk of the vocabulary projection (0 = by vocab size)")
+    gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass (less memory)")
+    threads: int = option(0, help="CPU threads for torch (0 = torch's default)")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="a `polyalign prepare` folder, or a .jsonl/.json file of "
-                                                 "{input, output} (or {input, answer}, or alpaca) records")
-    p.add_argument("--output", required=True, help="output folder for the adapter, logs and checkpoints")
-    p.add_argument("--model", default=None, help="HF id, local folder, or the embedded gemma-3-270m (default)")
-    p.add_argument("--config", default=None, help="YAML file overriding train_defaults.yaml")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.add_argument("--merge", action="store_true", help="also write the merged model to <output>/merged")
-    p.add_argument("--chat-template", dest="chat_template", action="store_true", default=None,
-                   help="format inputs with the tokenizer's chat template (chat models)")
-    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default=None, help="auto, cpu or cuda")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override any default, e.g. epochs=1 max_steps=20 lr=1e-4 (see docs/training.md)")
+# TrainConfig fields that are not hyper-parameters: the run's inputs, outputs and switches.
+RUN_FIELDS = ("data", "output", "config", "overrides", "resume", "merge", "progress")
 
 
-def main(args: argparse.Namespace) -> None:
-    names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    train(cfg)
+def defaults() -> dict:
+    """The hyper-parameters' defaults, in the order config.yaml lists them."""
+    return {k: v for k, v in C.defaults(TrainConfig).items() if k not in RUN_FIELDS}
 
 
 # ----------------------------------------------------------------------------- configuration
-def _coerce(key: str, value, default):
-    where = f"setting {key}"
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "yes", "1", "on"):
-            return True
-        if str(value).lower() in ("false", "no", "0", "off"):
-            return False
-        raise PolyalignError(f"{where}: expected true or false, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and key in FRACTIONAL:
-        default = float(default)
-    if isinstance(default, int) and not isinstance(default, bool):
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise PolyalignError(f"{where}: expected a whole number, got {value!r}") from None
-        if f != int(f):
-            raise PolyalignError(f"{where}: expected a whole number, got {value!r}")
-        return int(f)
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise PolyalignError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(default, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not value:
-            raise PolyalignError(f"{where}: expected a list such as [q_proj, v_proj], got {value!r}")
-        return [str(v) for v in value]
-    return str(value)
-
-
-def _check_key(key: str, known, origin: str) -> None:
-    if key not in known:
-        near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.0)
+def apply_settings(cfg: TrainConfig, settings, origin: str) -> TrainConfig:
+    """`cfg` with hyper-parameters set from a mapping (a --config file, key=value, an experiment's `train:`),
+    each converted by its field's type; an unknown key or a bad value is one line naming it and `origin`."""
+    known = list(defaults())
+    try:
+        return C.from_mapping(TrainConfig, settings, origin, base=cfg, keys=known, locate=lambda k: f"setting {k}")
+    except C.UnknownKey as e:
+        near = difflib.get_close_matches(e.key, known, n=1, cutoff=0.0)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise PolyalignError(f"unknown setting {key!r} in {origin}{hint}")
+        raise PolyalignError(f"unknown setting {e.key!r} in {origin}{hint}") from None
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings -> {key: YAML value}, in order."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise PolyalignError(f"override {item!r}: use key=value, e.g. epochs=1")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        out[key] = parsed
+    return out
+
+
+def _read_config_file(path_text: str) -> dict:
+    path = Path(path_text)
+    if not path.is_file():
+        raise PolyalignError(f"config file not found: {path_text}")
+    try:
+        raw = yaml.safe_load(path.read_text("utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise PolyalignError(f"{path_text} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise PolyalignError(f"{path_text} must hold a mapping of settings")
+    return raw
 
 
 def resolve_config(cfg: TrainConfig) -> dict:
     """defaults <- --config file <- fields set on TrainConfig <- key=value overrides; validated."""
     base = defaults()
-    hp = dict(base)
+    layered = TrainConfig()
     if cfg.config:
-        path = Path(cfg.config)
-        if not path.is_file():
-            raise PolyalignError(f"config file not found: {cfg.config}")
-        try:
-            raw = yaml.safe_load(path.read_text("utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise PolyalignError(f"{cfg.config} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise PolyalignError(f"{cfg.config} must hold a mapping of settings")
-        for k, v in raw.items():
-            _check_key(str(k), base, cfg.config)
-            hp[str(k)] = _coerce(str(k), v, base[str(k)])
-    for k in base:
-        v = getattr(cfg, k, None)
-        if v is not None:
-            hp[k] = _coerce(k, v, base[k])
-    for item in cfg.overrides or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise PolyalignError(f"override {item!r}: use key=value, e.g. epochs=1")
-        _check_key(key, base, "the command line")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            parsed = value
-        hp[key] = _coerce(key, parsed, base[key])
+        layered = apply_settings(layered, _read_config_file(cfg.config), cfg.config)
+    changed = {k: getattr(cfg, k) for k in base if getattr(cfg, k) != base[k]}
+    layered = apply_settings(layered, changed, "the config")
+    layered = apply_settings(layered, parse_overrides(cfg.overrides), "the command line")
+    hp = {k: getattr(layered, k) for k in base}
     _validate(hp)
     return hp
 

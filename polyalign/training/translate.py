@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 from polyalign import languages
@@ -95,17 +94,17 @@ class Translator:
                 todo.append(t)
         # Longest first, so that each batch pads little and memory peaks early.
         todo.sort(key=len, reverse=True)
-        done = 0
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i:i + self.batch_size]
-            self.calls += 1
-            result = self._translate_batch(chunk, src, tgt)
-            out.update(zip(chunk, result))
-            if self.cache:
-                self.cache.put_many(self.spec, src, tgt, list(zip(chunk, result)))
-            done += len(chunk)
-            if self.progress:
-                print(f"translate {src}->{tgt}: {done}/{len(todo)}", file=sys.stderr)
+        from tqdm.auto import tqdm
+        with tqdm(total=len(todo), desc=f"translate {src}->{tgt}", unit="text",
+                  disable=not self.progress or not todo, dynamic_ncols=True) as bar:
+            for i in range(0, len(todo), self.batch_size):
+                chunk = todo[i:i + self.batch_size]
+                self.calls += 1
+                result = self._translate_batch(chunk, src, tgt)
+                out.update(zip(chunk, result))
+                if self.cache:
+                    self.cache.put_many(self.spec, src, tgt, list(zip(chunk, result)))
+                bar.update(len(chunk))
         return [out[t] for t in texts]
 
     def _translate_batch(self, texts: list[str], src: str, tgt: str) -> list[str]:  # pragma: no cover
