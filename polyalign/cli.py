@@ -75,7 +75,16 @@ def _show_report(cfg, result) -> None:
         raise PolyalignError(problem)
 
 
-SHOW = {"prepare": _show_prepare, "report": _show_report}
+def _show_neurons(cfg, result) -> None:
+    print(result.table())
+
+
+def _show_tune_lens(cfg, result) -> None:
+    print(f"tune-lens: KL (bits, mean over layers) {result['kl_first']:.4f} -> {result['kl_last']:.4f}; "
+          f"lens in {result.lens_file}")
+
+
+SHOW = {"prepare": _show_prepare, "report": _show_report, "neurons": _show_neurons, "tune-lens": _show_tune_lens}
 
 
 # ----------------------------------------------------------------------------- the shell

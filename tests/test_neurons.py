@@ -183,7 +183,7 @@ def test_neurons_outputs_compare_and_resume(tiny_llama_path, tmp_path, one_threa
 
     from polyalign.analysis import neurons as N
     adapter = _tiny_adapter(tiny_llama_path, tmp_path / "adapter")
-    full = N.run_neurons(_cfg(tiny_llama_path, tmp_path / "a", compare_adapter=adapter, seen="de,en"))
+    full = N.run_neurons(_cfg(tiny_llama_path, tmp_path / "a", compare_adapter=[adapter], seen="de,en"))
     out = tmp_path / "a"
     for name in ("neurons.json", "probabilities.npz", "counts.csv", "overlap.csv", "summary.json", "compare.csv",
                  "compare_layers.csv", "neuron_counts_base.png", "neuron_overlap_base.png",
@@ -201,9 +201,10 @@ def test_neurons_outputs_compare_and_resume(tiny_llama_path, tmp_path, one_threa
         assert listed == ref[k]
     counts = list(csv.DictReader((out / "counts.csv").open()))
     assert {(r["model"], r["lang"]) for r in counts} == {(m, lang) for m in ("base", "adapter") for lang in ("en", "de", "zh")}
-    rows = {r["lang"]: r for r in full["compare"]["languages"]}
+    assert list(full["compare"]) == ["adapter"]          # the first model against each other one
+    rows = {r["lang"]: r for r in full["compare"]["adapter"]["languages"]}
     assert rows["de"]["seen"] is True and rows["zh"]["seen"] is False
-    assert set(full["compare"]["groups"]) == {"seen", "unseen", "high"}
+    assert set(full["compare"]["adapter"]["groups"]) == {"seen", "unseen", "high"}
     assert full["models"]["base"]["per_language"] != full["models"]["adapter"]["per_language"] or \
         data["models"]["base"]["neurons"] != data["models"]["adapter"]["neurons"]
 
@@ -218,7 +219,7 @@ def test_neurons_outputs_compare_and_resume(tiny_llama_path, tmp_path, one_threa
             raise KeyboardInterrupt
         return real(*a, **k)
     monkeypatch.setattr(A, "count_activations", dying)
-    cfg = _cfg(tiny_llama_path, tmp_path / "b", compare_adapter=adapter, seen="de,en")
+    cfg = _cfg(tiny_llama_path, tmp_path / "b", compare_adapter=[adapter], seen="de,en")
     with pytest.raises(KeyboardInterrupt):
         N.run_neurons(cfg)
     monkeypatch.setattr(A, "count_activations", lambda *a, **k: (calls.append(1), real(*a, **k))[1])

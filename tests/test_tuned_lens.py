@@ -145,8 +145,23 @@ def test_lens_command_logit_tuned_both(tiny_llama_path, tmp_path, one_thread, ca
         if int(t["layer"]) == last:
             assert float(t["mean"]) == pytest.approx(float(p["mean"]), rel=1e-4, abs=1e-6)
     assert any(t != p for t, p in zip(tuned, plain) if int(t["layer"]) < last)
+    # In memory, on a loaded model: the same numbers as the files (main's run_lens paths, with the views).
+    from polyalign.models import load_model
+    lm = load_model(tiny_llama_path, "fp32", "cpu", progress=False)
+    mem = run_lens(LensConfig(**common, output=None, lens="both", tuned_lens=str(lens_dir)),
+                   model=lm.model, tokenizer=lm.tokenizer)
+    assert mem.models == ["base", "base-tuned"] and mem.output is None
+    for r in mem.rows:
+        if r["model"] == "base-tuned":
+            f = next(x for x in tuned if (x["lang"], x["layer"], x["measure"]) == (r["lang"], str(r["layer"]), r["measure"]))
+            assert r["mean"] == pytest.approx(float(f["mean"]), rel=1e-5, abs=1e-9)
     base = ["lens", "--model", tiny_llama_path, "--langs", "de", "--output", str(tmp_path / "x"), "--no-progress"]
-    assert cli.main(base + ["--lens", "fancy"]) == 2
-    assert "unknown lens 'fancy'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:            # argparse's choices: one line, exit 2
+        cli.main(base + ["--lens", "fancy"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "invalid choice: 'fancy'" in err
+    from polyalign.errors import PolyalignError
+    with pytest.raises(PolyalignError, match="unknown lens 'fancy'"):   # from Python, before any model loads
+        run_lens(LensConfig(**common, output=None, lens="fancy"))
     assert cli.main(base + ["--lens", "tuned"]) == 2
     assert "--tuned-lens" in capsys.readouterr().err

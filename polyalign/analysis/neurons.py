@@ -24,20 +24,27 @@ cache is shared between deactivations, and a killed evaluation resumes as `evalu
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.analysis.common import CSV_FLOATS, adapter_option, compare_adapter_option
+from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.store import atomic_path, content_hash, write_csv, write_json
+from polyalign.tasks import LABEL_MODES
+
+log = logging.getLogger(__name__)
 
 PART_VERSION = 1
-CSV_FLOATS = ".6g"   # as the other analyses' CSV files
 MIN_SHARE = 0.10        # a language needs at least this share of the token budget
 
 
@@ -122,72 +129,62 @@ def random_like(per_layer: list[list[int]], widths: list[int], seed: int) -> lis
 # ============================================================================= command
 @dataclass
 class NeuronsConfig:
-    model: str = "gemma-3-270m"
-    adapter: str | None = None
-    compare_adapter: str | None = None
-    langs: str = "all"
-    data: str | None = None
-    tasks: str | None = None
-    tokens_per_language: int = 20000
-    max_sequence_tokens: int = 512
-    filter_percentile: float = 95.0
-    top_rate: float = 0.01
-    activation_percentile: float = 95.0
-    seen: str | None = None
-    output: str = "runs/neurons"
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int | None = None
-    deactivate: bool = False
-    eval_task: str = "amazon_polarity"
-    eval_langs: str | None = None
-    eval_labels: str = "english"
-    eval_data: str | None = None
-    eval_limit: int | None = None
-    random_seed: int = 0
-    recompute: bool = False
-    progress: bool = True
+    """The options of `polyalign neurons` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    adapter: str | None = adapter_option()
+    compare_adapter: list[str] = compare_adapter_option()
+    langs: str = option("all", help="'all', 'high', 'low' or a comma list")
+    data: str | None = option(None, help="text source: task data as for evaluate (default: the bundled sets and "
+                                         "question pool), or a {lang} file / hf: corpus with a `text` field")
+    tasks: str | None = option(None, help="tasks whose items are the text (default: every bundled task)")
+    tokens_per_language: int = option(20000, help="token budget of each language's text")
+    max_sequence_tokens: int = option(512, help="longest text run as one sequence")
+    filter_percentile: float = option(95.0, help="drop neurons whose largest probability is not above this "
+                                                 "percentile of all probabilities")
+    top_rate: float = option(0.01, help="share of all neurons kept (lowest entropy)")
+    activation_percentile: float = option(95.0, help="a kept neuron belongs to each language whose probability "
+                                                     "exceeds this percentile")
+    seen: str | None = option(None, help="languages the adapters were trained on (default: read from each "
+                                         "adapter's training data, via its summary.json)")
+    output: str = option("runs/neurons", help="output folder")
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    batch_tokens: int | None = C.batch_tokens_option()
+    deactivate: bool = option(False, help="zero each language's neurons (and as many random ones) and re-run "
+                                          "the evaluator")
+    eval_task: str = option("amazon_polarity", help="--deactivate: the task evaluated")
+    eval_langs: str | None = option(None, help="--deactivate: languages evaluated (default: --langs)")
+    eval_labels: str = option("english", choices=LABEL_MODES, help="--deactivate: label mode")
+    eval_data: str | None = option(None, help="--deactivate: evaluation data (default: bundled)")
+    eval_limit: int | None = option(None, help="--deactivate: items per language")
+    random_seed: int = option(0, help="seed of the random-neuron control")
+    recompute: bool = option(False, help="ignore the counts saved in --output/parts")
+    progress: bool = C.progress_option()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder for --model")
-    p.add_argument("--compare-adapter", default=None, metavar="DIR",
-                   help="also find the neurons of --model with this adapter, and compare them with the first model's")
-    p.add_argument("--langs", default="all", help="'all', 'high', 'low' or a comma list")
-    p.add_argument("--data", default=None, help="text source: task data as for evaluate (default: the bundled sets "
-                                                "and question pool), or a {lang} file / hf: corpus with a `text` field")
-    p.add_argument("--tasks", default=None, help="tasks whose items are the text (default: every bundled task)")
-    p.add_argument("--tokens-per-language", type=int, default=20000)
-    p.add_argument("--max-sequence-tokens", type=int, default=512, help="longest text run as one sequence")
-    p.add_argument("--filter-percentile", type=float, default=95.0,
-                   help="drop neurons whose largest probability is not above this percentile of all probabilities")
-    p.add_argument("--top-rate", type=float, default=0.01, help="share of all neurons kept (lowest entropy)")
-    p.add_argument("--activation-percentile", type=float, default=95.0,
-                   help="a kept neuron belongs to each language whose probability exceeds this percentile")
-    p.add_argument("--seen", default=None, help="languages the adapter was trained on (default: read from its "
-                                                "training data, via its summary.json)")
-    p.add_argument("--output", default="runs/neurons")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
-    p.add_argument("--deactivate", action="store_true",
-                   help="zero each language's neurons (and as many random ones) and re-run the evaluator")
-    p.add_argument("--eval-task", default="amazon_polarity", help="--deactivate: the task evaluated")
-    p.add_argument("--eval-langs", default=None, help="--deactivate: languages evaluated (default: --langs)")
-    p.add_argument("--eval-labels", default="english", help="--deactivate: label mode")
-    p.add_argument("--eval-data", default=None, help="--deactivate: evaluation data (default: bundled)")
-    p.add_argument("--eval-limit", type=int, default=None, help="--deactivate: items per language")
-    p.add_argument("--random-seed", type=int, default=0, help="seed of the random-neuron control")
-    p.add_argument("--recompute", action="store_true", help="ignore the counts saved in --output/parts")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+@dataclass
+class NeuronsResult(Mapping):
+    """What `run_neurons` found. `summary` is summary.json's content (the result also reads like it:
+    `result["models"]`); `selections[model]` the LAPE selection of each model (neurons per language
+    and layer, its thresholds); `probabilities[model]` the [layers, neurons, languages] matrix."""
+    summary: dict
+    selections: dict
+    probabilities: dict
+    langs: list[str]
+    output: Path | None = None
 
+    def table(self) -> str:
+        """Language-specific neurons per model and language, as the command line prints them."""
+        return format_counts(self.summary)
 
-def main(args: argparse.Namespace) -> None:
-    cfg = NeuronsConfig(**{k: v for k, v in vars(args).items() if k in NeuronsConfig.__dataclass_fields__})
-    summary = run_neurons(cfg)
-    print(format_counts(summary))
-    print(f"neurons: {Path(cfg.output) / 'neurons.json'}")
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def __iter__(self):
+        return iter(self.summary)
+
+    def __len__(self):
+        return len(self.summary)
 
 
 def _check(cfg: NeuronsConfig) -> None:
@@ -208,12 +205,12 @@ def _check(cfg: NeuronsConfig) -> None:
         raise PolyalignError("--eval-limit must be a positive number")
 
 
-def seen_languages(cfg: NeuronsConfig) -> list[str] | None:
+def seen_languages(cfg: NeuronsConfig, adapter: str | None) -> list[str] | None:
     """--seen, else the source and target languages of the adapter's prepared training data."""
     if cfg.seen:
         return languages.parse_langs(cfg.seen)
     try:
-        data = json.loads(Path(cfg.compare_adapter, "summary.json").read_text("utf-8"))["data"]
+        data = json.loads(Path(adapter, "summary.json").read_text("utf-8"))["data"]
         from polyalign.store import read_jsonl
         recs = read_jsonl(Path(data, "train.jsonl"))
     except (OSError, ValueError, KeyError, TypeError, PolyalignError):
@@ -233,7 +230,10 @@ def _load_tokenizer(name: str):
                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
-def run_neurons(cfg: NeuronsConfig) -> dict:
+def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
+    """Language-specific neurons of cfg.model (with cfg.adapter), and of it with each of
+    cfg.compare_adapter, compared with the first; with cfg.deactivate, the evaluator's accuracy with
+    each language's neurons (and a random control) zeroed in the first model."""
     from tqdm.auto import tqdm
 
     from polyalign.analysis.activations import count_activations, language_texts, shared_prefix, token_sequences
@@ -266,7 +266,7 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, np.ndarray]] = {s.label: {} for s in specs}
     todo: dict = {}
-    keycfg = argparse.Namespace(dtype=cfg.dtype, device=cfg.device, max_length=None, labels=None)
+    keycfg = SimpleNamespace(dtype=cfg.dtype, device=cfg.device, max_length=None, labels=None)
     for spec in specs:
         for lang in langs:
             key = cache_key(spec, keycfg, "neurons", lang, [prefix, sequences[lang]], v=PART_VERSION)
@@ -407,25 +407,30 @@ def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
                                     "per_language": {lang: sum(map(len, selections[s.label].neurons[k]))
                                                      for k, lang in enumerate(langs)}} for s in specs},
                "figures": figures}
-    if len(specs) > 1:
-        summary["compare"] = compare(cfg, langs, selections[specs[0].label], selections[specs[1].label])
-        rows = [[r["lang"], r["seen"], r["resource"], r["base"], r["trained"], r["jaccard"]]
-                for r in summary["compare"]["languages"]]
-        write_csv(output / "compare.csv", ["lang", "seen", "resource", "base", "trained", "jaccard"], rows, CSV_FLOATS)
-        layer_rows = [[lang, layer, b, t, t - b] for lang, per in summary["compare"]["layers"].items()
-                      for layer, (b, t) in enumerate(per)]
-        write_csv(output / "compare_layers.csv", ["lang", "layer", "base", "trained", "change"], layer_rows,
+    if len(specs) > 1:      # the first model against each of the others
+        base = selections[specs[0].label]
+        summary["compare"] = {t.label: compare(langs, base, selections[t.label], seen_languages(cfg, t.adapter))
+                              for t in specs[1:]}
+        rows = [[label, r["lang"], r["seen"], r["resource"], r["base"], r["trained"], r["jaccard"]]
+                for label, c in summary["compare"].items() for r in c["languages"]]
+        write_csv(output / "compare.csv", ["model", "lang", "seen", "resource", "base", "trained", "jaccard"], rows,
+                  CSV_FLOATS)
+        layer_rows = [[label, lang, layer, b, t, t - b] for label, c in summary["compare"].items()
+                      for lang, per in c["layers"].items() for layer, (b, t) in enumerate(per)]
+        write_csv(output / "compare_layers.csv", ["model", "lang", "layer", "base", "trained", "change"], layer_rows,
                   CSV_FLOATS)
     if deactivation is not None:
         summary["deactivation"] = deactivation
         write_deactivation(output, deactivation)
     write_json(output / "summary.json", summary)
-    return summary
+    log.info("neurons: %s", output / "neurons.json")
+    probs = {s.label: arrays[f"{s.label}/probabilities"] for s in specs}
+    return NeuronsResult(summary, selections, probs, list(langs), output)
 
 
-def compare(cfg, langs, base: Selection, trained: Selection) -> dict:
-    """Per language: the overlap of its set base vs trained and the counts per layer; summarised by group."""
-    seen = seen_languages(cfg)
+def compare(langs, base: Selection, trained: Selection, seen: list[str] | None) -> dict:
+    """Per language: the overlap of its set base vs trained and the counts per layer; summarised by
+    group (seen / unseen by the training data, when known; high / low resource)."""
     rows, layers = [], {}
     for k, lang in enumerate(langs):
         a, b = as_set(base.neurons[k]), as_set(trained.neurons[k])

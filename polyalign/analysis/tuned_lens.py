@@ -26,18 +26,24 @@ for), log.jsonl (KL per layer per step), checkpoint.pt while training (resumed f
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from polyalign import config as C
 from polyalign import languages
+from polyalign.analysis.common import adapter_option
+from polyalign.config import option
 from polyalign.errors import PolyalignError
-from polyalign.store import append_lines, atomic_path, content_hash, read_jsonl, write_json
+from polyalign.store import RunRecord, append_lines, atomic_path, claim_output, content_hash, read_jsonl, write_json
+
+log = logging.getLogger(__name__)
 
 LENS_KINDS = ("logit", "tuned", "both")
 LENS_VERSION = 1
@@ -185,56 +191,55 @@ def real_states(runner, prefix, suffixes):
 # ============================================================================= command
 @dataclass
 class TuneLensConfig:
-    model: str = "gemma-3-270m"
-    adapter: str | None = None
-    langs: str = "all"
-    data: str | None = None
-    tasks: str | None = None
-    tokens_per_language: int = 20000
-    max_sequence_tokens: int = 512
-    steps: int = 250
-    tokens_per_step: int = 4096
-    lr_scale: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    save_every: int = 25
-    seed: int = 0
-    output: str = "lenses/gemma-3-270m"
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int | None = None
-    loss_chunk: int | None = None
-    progress: bool = True
+    """The options of `polyalign tune-lens` (the CLI, experiment files and Python read them from here)."""
+    model: str = C.model_option()
+    adapter: str | None = adapter_option()
+    langs: str = option("all", help="'all', 'high', 'low' or a comma list")
+    data: str | None = option(None, help="text source, as for `polyalign neurons` (default: bundled sets and pool)")
+    tasks: str | None = option(None, help="tasks whose items are the text (default: every bundled task)")
+    tokens_per_language: int = option(20000, help="token budget of each language's text")
+    max_sequence_tokens: int = option(512, help="longest text run as one sequence")
+    steps: int = option(250, help="optimiser steps (Belrose et al.: 250)")
+    tokens_per_step: int = option(4096, help="tokens per optimiser step")
+    lr_scale: float = option(1.0, help="SGD learning rate = lr_scale * (1 - momentum)")
+    momentum: float = option(0.9, help="Nesterov momentum")
+    weight_decay: float = option(1e-3, help="weight decay")
+    save_every: int = option(25, help="steps between checkpoints")
+    seed: int = option(0, help="seed of the order in which the languages' texts are mixed")
+    output: str = option("lenses/gemma-3-270m", help="output folder")
+    dtype: str = C.dtype_option()
+    device: str = C.device_option()
+    batch_tokens: int | None = C.batch_tokens_option()
+    loss_chunk: int | None = option(None, help="tokens per vocabulary chunk (default: by vocabulary)")
+    progress: bool = C.progress_option()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="HF id, local folder, or the embedded gemma-3-270m")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder for --model")
-    p.add_argument("--langs", default="all", help="'all', 'high', 'low' or a comma list")
-    p.add_argument("--data", default=None, help="text source, as for `polyalign neurons` (default: bundled sets and pool)")
-    p.add_argument("--tasks", default=None, help="tasks whose items are the text (default: every bundled task)")
-    p.add_argument("--tokens-per-language", type=int, default=20000)
-    p.add_argument("--max-sequence-tokens", type=int, default=512)
-    p.add_argument("--steps", type=int, default=250, help="optimiser steps (Belrose et al.: 250)")
-    p.add_argument("--tokens-per-step", type=int, default=4096)
-    p.add_argument("--lr-scale", type=float, default=1.0, help="SGD learning rate = lr_scale * (1 - momentum)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--save-every", type=int, default=25, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="lenses/gemma-3-270m")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-tokens", type=int, default=None, help="rows x padded length per forward")
-    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per vocabulary chunk (default: by vocabulary)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+@dataclass
+class TuneLensResult(Mapping):
+    """What `tune_lens` trained: `info` is lens.json's content (the result also reads like it:
+    `result["kl_last"]`); the translators are in `output`/lens.safetensors."""
+    info: dict
+    output: Path
+
+    @property
+    def lens_file(self) -> Path:
+        return self.output / "lens.safetensors"
+
+    def __getitem__(self, key):
+        return self.info[key]
+
+    def __iter__(self):
+        return iter(self.info)
+
+    def __len__(self):
+        return len(self.info)
 
 
-def main(args: argparse.Namespace) -> None:
-    cfg = TuneLensConfig(**{k: v for k, v in vars(args).items() if k in TuneLensConfig.__dataclass_fields__})
-    info = tune_lens(cfg)
-    print(f"tune-lens: KL (bits, mean over layers) {info['kl_first']:.4f} -> {info['kl_last']:.4f}; "
-          f"lens in {Path(cfg.output) / 'lens.safetensors'}")
+# lens.json records the settings a lens was trained with; another run's settings are refused.
+TUNED_LENS = RunRecord("lens.json", clash="holds a tuned lens trained with other settings",
+                       damaged="delete it or choose another --output",
+                       settings_of=lambda record: record.get("settings") if isinstance(record.get("settings"), dict)
+                       else {}, all_keys=True)
 
 
 def _check(cfg: TuneLensConfig) -> None:
@@ -247,7 +252,8 @@ def _check(cfg: TuneLensConfig) -> None:
         raise PolyalignError(f"--momentum must lie in [0, 1), got {cfg.momentum}")
 
 
-def tune_lens(cfg: TuneLensConfig) -> dict:
+def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
+    """Train (or resume, or find already trained) the translators of cfg.model in cfg.output."""
     from tqdm.auto import tqdm
 
     from polyalign.analysis.activations import language_texts, shared_prefix, token_sequences
@@ -279,11 +285,10 @@ def tune_lens(cfg: TuneLensConfig) -> dict:
     settings["data_hash"] = content_hash(sequences)
     settings["version"] = LENS_VERSION
     fingerprint = content_hash(settings)
-    if (out / "lens.json").is_file():
-        done = json.loads((out / "lens.json").read_text("utf-8"))
-        if done.get("fingerprint") == fingerprint:
-            return done
-        raise PolyalignError(f"{out} holds a tuned lens trained with other settings; choose another --output")
+    done = claim_output(out, TUNED_LENS, json.loads(json.dumps(settings)))   # as lens.json holds them
+    if done is not None:
+        log.info("tune-lens: %s holds this lens already", out)
+        return TuneLensResult(done, out)
 
     lm = load_model(cfg.model, cfg.dtype, cfg.device, cfg.adapter, progress=cfg.progress)
     model = lm.model.requires_grad_(False)
@@ -333,7 +338,7 @@ def tune_lens(cfg: TuneLensConfig) -> dict:
             f"{cfg.weight_decay}, grad norm clip 1.0"}
     write_json(out / "lens.json", info)
     (out / "checkpoint.pt").unlink(missing_ok=True)
-    return info
+    return TuneLensResult(info, out)
 
 
 def _save_checkpoint(out: Path, fingerprint: str, step: int, translators, opt, sched) -> None:
