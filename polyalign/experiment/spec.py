@@ -38,7 +38,7 @@ DEFAULTS: dict = {
     "prepare": {},                  # `polyalign prepare` options for every setting
     "train": {},                    # training hyper-parameters for every setting
     "eval": {},                     # `polyalign evaluate` options: see eval_defaults()
-    "analyses": {"lens": None, "geometry": None},
+    "analyses": {"lens": None, "geometry": None, "neurons": None},
     "report": {"title": None, "bootstrap": 10000, "seed": 0, "alpha": 0.05},
 }
 SETTING_DEFAULTS: dict = {
@@ -60,6 +60,12 @@ LENS_DEFAULTS: dict = {
 GEOMETRY_DEFAULTS: dict = {
     "task": None, "langs": ["en", "de", "fr", "hi", "th", "sw", "ms"], "limit": None, "data": None,
     "settings": None, "options": {},
+}
+NEURONS_DEFAULTS: dict = {
+    "langs": None,                  # default: the eval languages
+    "data": None,                   # text source (default: the bundled task sets and question pool)
+    "settings": None,               # which settings' adapters to compare with the base (default: all)
+    "options": {},                  # other `polyalign neurons` options (tokens_per_language, deactivate, ...)
 }
 MODEL_DEFAULTS: dict = {"name": None, "label": None, "dtype": None, "train": {}}
 
@@ -211,6 +217,7 @@ class Experiment:
     lens: dict | None
     geometry: dict | None
     report: dict
+    neurons: dict | None = None
     source: str = ""
     raw: dict = field(default_factory=dict)
 
@@ -319,13 +326,13 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
     ev, tasks = _eval_section(top["eval"], check_data)
     settings = _settings(top, ev, tasks, seed, check_data)
     _train_sections(top["train"], models, settings)
-    lens, geometry = _analyses(top["analyses"], ev, [s.name for s in settings], tasks, check_data)
+    lens, geometry, neurons = _analyses(top["analyses"], ev, [s.name for s in settings], tasks, check_data)
     rep = _report_section(top["report"])
     output = _opt_str(top["output"], "output") or str(Path("runs") / name)
     return Experiment(name=name, description=str(top["description"] or ""), hardware=str(top["hardware"] or ""),
                       output=output, models=models, dtype=top["dtype"], device=top["device"], seed=seed,
                       settings=settings, prepare=top["prepare"], train=top["train"], eval=ev, lens=lens,
-                      geometry=geometry, report=rep, raw=raw)
+                      geometry=geometry, report=rep, neurons=neurons, raw=raw)
 
 
 def _dtype(value, where: str) -> str | None:
@@ -468,7 +475,42 @@ def _analyses(raw, ev: dict, setting_names: list[str], tasks: dict, check_data: 
                              check_data)
         if len(geometry["langs"]) < 2:
             raise PolyalignError("analyses.geometry.langs: give at least two languages to compare")
-    return lens, geometry
+    neurons = None
+    if an["neurons"] is not None:
+        neurons = _neurons_analysis(an["neurons"], ev, setting_names, check_data)
+    return lens, geometry, neurons
+
+
+def _neurons_analysis(raw, ev: dict, setting_names: list[str], check_data: bool) -> dict:
+    """`analyses.neurons`: the languages whose neurons are found (at least two: LAPE compares them),
+    their text, the settings compared with the base, and `polyalign neurons` options."""
+    from polyalign.analysis.neurons import NeuronsConfig
+
+    where = "analyses.neurons"
+    a = _check_keys({} if raw is True else raw, NEURONS_DEFAULTS, where)
+    a["langs"] = _lang_list(a["langs"] if a["langs"] is not None else ev["langs"], f"{where}.langs")
+    if len(a["langs"]) < 2:
+        raise PolyalignError(f"{where}.langs: give at least two languages (language-specific neurons are found "
+                             "by comparing languages)")
+    a["data"] = _opt_str(a["data"], f"{where}.data")
+    if check_data and a["data"] and not a["data"].startswith("hf:") and "{" not in a["data"] \
+            and not Path(a["data"]).exists():
+        raise PolyalignError(f"{where}.data: data path not found: {a['data']}")
+    a["settings"] = _chosen_settings(a["settings"], setting_names, where)
+    a["options"] = _options(NeuronsConfig, a["options"], f"{where}.options", ANALYSIS_RUNNER_SET)
+    return a
+
+
+def _chosen_settings(chosen, setting_names: list[str], where: str) -> list[str]:
+    """An analysis's `settings:` (default: all), each checked against the experiment's settings."""
+    if chosen is None:
+        chosen = list(setting_names)
+    elif isinstance(chosen, str):
+        chosen = [chosen]
+    for sname in chosen:
+        if sname not in setting_names:
+            raise PolyalignError(f"{where}.settings: no setting named {sname!r}{_nearest(sname, setting_names)}")
+    return list(chosen)
 
 
 def _report_section(raw) -> dict:
@@ -494,15 +536,7 @@ def _analysis(raw, defaults, where, ev, setting_names, tasks, check_data) -> dic
     a["data"] = _opt_str(a["data"], f"{where}.data")
     if check_data:
         _check_eval_data(task, a["langs"], a["data"], where)
-    chosen = a["settings"]
-    if chosen is None:
-        chosen = list(setting_names)
-    elif isinstance(chosen, str):
-        chosen = [chosen]
-    for sname in chosen:
-        if sname not in setting_names:
-            raise PolyalignError(f"{where}.settings: no setting named {sname!r}{_nearest(sname, setting_names)}")
-    a["settings"] = list(chosen)
+    a["settings"] = _chosen_settings(a["settings"], setting_names, where)
     a["options"] = _options(_analysis_config(where.split(".")[-1]), a["options"], f"{where}.options",
                             ANALYSIS_RUNNER_SET)
     return a

@@ -506,6 +506,10 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
             for png in sorted(folder.glob("*.png"), key=order):
                 doc.img(png, f"{s['label']}: {png.stem.replace('_', ' ')}")
 
+    # ---- language neurons (reporting/neurons.py)
+    from polyalign.reporting.neurons import neurons_section
+    neurons_section(doc, run, [s for s in done if s["kind"] == "neurons"], settings, exported)
+
     # ---- run facts
     timed = [s for s in steps if s.get("seconds")]
     if timed:
