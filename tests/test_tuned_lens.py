@@ -165,3 +165,36 @@ def test_lens_command_logit_tuned_both(tiny_llama_path, tmp_path, one_thread, ca
         run_lens(LensConfig(**common, output=None, lens="fancy"))
     assert cli.main(base + ["--lens", "tuned"]) == 2
     assert "--tuned-lens" in capsys.readouterr().err
+
+
+def test_experiment_trains_and_reads_the_tuned_lens(tiny_llama_path, tmp_path, one_thread, capsys):
+    """`analyses: tuned_lens` through `polyalign run`: a tune-lens step, then the lens with both views,
+    whose tuned rows are those of `polyalign lens --lens both` on the step's own lens."""
+    import csv
+    import json
+
+    import yaml
+
+    from polyalign import cli
+    from polyalign.analysis.lens import LensConfig, run_lens
+    raw = {"name": "tl", "model": tiny_llama_path, "dtype": "fp32", "device": "cpu", "settings": [],
+           "eval": {"tasks": ["snli"], "langs": ["en", "zh"], "limit": 3},
+           "analyses": {"tuned_lens": {"task": "snli", "langs": ["zh"], "limit": 3,
+                                       "train": {"steps": 2, "langs": "en,zh", "tokens_per_language": 400,
+                                                 "tokens_per_step": 256}}},
+           "report": {"bootstrap": 100}}
+    (tmp_path / "tl.yaml").write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    assert cli.main(["run", str(tmp_path / "tl.yaml"), "--output", str(run)]) == 0
+    capsys.readouterr()
+    steps = {s["kind"]: s for s in json.loads((run / "manifest.json").read_text())["steps"]}
+    lens_dir, read = run / steps["tune_lens"]["dir"], run / steps["tuned_lens"]["dir"]
+    assert (lens_dir / "lens.safetensors").is_file()
+    ref = run_lens(LensConfig(model=tiny_llama_path, task="snli", langs="zh", limit=3, dtype="fp32", device="cpu",
+                              progress=False, output=None, lens="both", tuned_lens=str(lens_dir)))
+    rows = list(csv.DictReader((read / "lens.csv").open()))
+    assert {r["model"] for r in rows} == {"base", "base-tuned"}
+    for r, m in zip(rows, ref.rows):
+        assert (r["model"], int(r["layer"]), r["measure"]) == (m["model"], m["layer"], m["measure"])
+        assert float(r["mean"]) == pytest.approx(m["mean"], rel=1e-5, abs=1e-9)
+    assert "base-tuned" in (run / "report.md").read_text()

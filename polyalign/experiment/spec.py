@@ -38,7 +38,7 @@ DEFAULTS: dict = {
     "prepare": {},                  # `polyalign prepare` options for every setting
     "train": {},                    # training hyper-parameters for every setting
     "eval": {},                     # `polyalign evaluate` options: see eval_defaults()
-    "analyses": {"lens": None, "geometry": None, "neurons": None},
+    "analyses": {"lens": None, "geometry": None, "neurons": None, "tuned_lens": None},
     "report": {"title": None, "bootstrap": 10000, "seed": 0, "alpha": 0.05},
 }
 SETTING_DEFAULTS: dict = {
@@ -67,6 +67,11 @@ NEURONS_DEFAULTS: dict = {
     "settings": None,               # which settings' adapters to compare with the base (default: all)
     "options": {},                  # other `polyalign neurons` options (tokens_per_language, deactivate, ...)
 }
+TUNED_LENS_DEFAULTS: dict = {
+    **LENS_DEFAULTS,                # the lens read with the logit and the tuned lens side by side
+    "train": {},                    # `polyalign tune-lens` options (the lens is trained on the base model)
+}
+TUNE_LENS_RUNNER_SET = ("model", "adapter", "output", "progress", "dtype", "device")
 MODEL_DEFAULTS: dict = {"name": None, "label": None, "dtype": None, "train": {}}
 
 # Options of a step's command that the runner sets itself (from the models, the run folder and the
@@ -218,6 +223,7 @@ class Experiment:
     geometry: dict | None
     report: dict
     neurons: dict | None = None
+    tuned_lens: dict | None = None
     source: str = ""
     raw: dict = field(default_factory=dict)
 
@@ -326,13 +332,13 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
     ev, tasks = _eval_section(top["eval"], check_data)
     settings = _settings(top, ev, tasks, seed, check_data)
     _train_sections(top["train"], models, settings)
-    lens, geometry, neurons = _analyses(top["analyses"], ev, [s.name for s in settings], tasks, check_data)
+    lens, geometry, neurons, tuned_lens = _analyses(top["analyses"], ev, [s.name for s in settings], tasks, check_data)
     rep = _report_section(top["report"])
     output = _opt_str(top["output"], "output") or str(Path("runs") / name)
     return Experiment(name=name, description=str(top["description"] or ""), hardware=str(top["hardware"] or ""),
                       output=output, models=models, dtype=top["dtype"], device=top["device"], seed=seed,
                       settings=settings, prepare=top["prepare"], train=top["train"], eval=ev, lens=lens,
-                      geometry=geometry, report=rep, neurons=neurons, raw=raw)
+                      geometry=geometry, report=rep, neurons=neurons, tuned_lens=tuned_lens, raw=raw)
 
 
 def _dtype(value, where: str) -> str | None:
@@ -464,12 +470,21 @@ def _analyses(raw, ev: dict, setting_names: list[str], tasks: dict, check_data: 
 
     an = _check_keys(raw or {}, DEFAULTS["analyses"], "analyses")
     lens = geometry = None
-    if an["lens"] is not None:
-        lens = _analysis(an["lens"], LENS_DEFAULTS, "analyses.lens", ev, setting_names, tasks, check_data)
-        lmode = _opt_str(lens["labels"], "analyses.lens.labels")
+    found = {}
+    for kind, defaults in (("lens", LENS_DEFAULTS), ("tuned_lens", TUNED_LENS_DEFAULTS)):
+        if an[kind] is None:
+            continue
+        where = f"analyses.{kind}"
+        a = found[kind] = _analysis(an[kind], defaults, where, ev, setting_names, tasks, check_data)
+        lmode = _opt_str(a["labels"], f"{where}.labels")
         if lmode not in LABEL_MODES:
-            raise PolyalignError(f"analyses.lens.labels: unknown label mode {lmode!r}{_nearest(lmode, LABEL_MODES)}")
-        _check_task_langs(load_task(lens["task"]), lens["langs"], [lmode], "analyses.lens")
+            raise PolyalignError(f"{where}.labels: unknown label mode {lmode!r}{_nearest(lmode, LABEL_MODES)}")
+        _check_task_langs(load_task(a["task"]), a["langs"], [lmode], where)
+    lens, tuned_lens = found.get("lens"), found.get("tuned_lens")
+    if tuned_lens is not None:
+        from polyalign.analysis.tuned_lens import TuneLensConfig
+        tuned_lens["train"] = _options(TuneLensConfig, tuned_lens["train"], "analyses.tuned_lens.train",
+                                       TUNE_LENS_RUNNER_SET)
     if an["geometry"] is not None:
         geometry = _analysis(an["geometry"], GEOMETRY_DEFAULTS, "analyses.geometry", ev, setting_names, tasks,
                              check_data)
@@ -478,7 +493,7 @@ def _analyses(raw, ev: dict, setting_names: list[str], tasks: dict, check_data: 
     neurons = None
     if an["neurons"] is not None:
         neurons = _neurons_analysis(an["neurons"], ev, setting_names, check_data)
-    return lens, geometry, neurons
+    return lens, geometry, neurons, tuned_lens
 
 
 def _neurons_analysis(raw, ev: dict, setting_names: list[str], check_data: bool) -> dict:
@@ -537,13 +552,14 @@ def _analysis(raw, defaults, where, ev, setting_names, tasks, check_data) -> dic
     if check_data:
         _check_eval_data(task, a["langs"], a["data"], where)
     a["settings"] = _chosen_settings(a["settings"], setting_names, where)
-    a["options"] = _options(_analysis_config(where.split(".")[-1]), a["options"], f"{where}.options",
-                            ANALYSIS_RUNNER_SET)
+    kind = where.split(".")[-1]
+    runner_set = ANALYSIS_RUNNER_SET + (("tuned_lens",) if kind == "tuned_lens" else ())   # the runner's lens
+    a["options"] = _options(_analysis_config(kind), a["options"], f"{where}.options", runner_set)
     return a
 
 
 def _analysis_config(kind: str):
-    if kind == "lens":
+    if kind in ("lens", "tuned_lens"):
         from polyalign.analysis.lens import LensConfig
         return LensConfig
     from polyalign.analysis.geometry import GeometryConfig

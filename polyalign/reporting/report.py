@@ -447,7 +447,7 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
             doc.img(png, caption)
 
     # ---- lens
-    lens_steps = [s for s in done if s["kind"] == "lens"]
+    lens_steps = [s for s in done if s["kind"] in ("lens", "tuned_lens")]   # tuned_lens: both lenses side by side
     if lens_steps:
         doc.h(2, "Logit lens")
         doc.p("Per layer, the residual at the answer position is decoded with the model's own final norm and "
