@@ -118,7 +118,8 @@ def evaluate(model="gemma-3-270m", tokenizer=None, *, tasks: list[str] | str = "
              output: str | os.PathLike | None = None, limit: int | None = None,
              data: str | os.PathLike | None = None, progress: bool = True, dtype: str = "auto",
              device: str = "auto", adapter: str | os.PathLike | None = None, batch_tokens: int | None = None,
-             max_length: int | None = None, trust_file_labels: bool = False) -> "EvalResult":
+             max_length: int | None = None, trust_file_labels: bool = False,
+             calibration: str = "none") -> "EvalResult":
     """Few-shot evaluation with constrained decoding, as `polyalign evaluate`.
 
     `model` is a name (Hugging Face id, folder, `gemma-3-270m`; then `dtype`, `device`, `adapter`
@@ -126,6 +127,7 @@ def evaluate(model="gemma-3-270m", tokenizer=None, *, tasks: list[str] | str = "
     as it is, on its device). Without `output` nothing is written; with a folder the same files as
     the command line are written and a rerun resumes. Returns an `EvalResult`: `.rows`,
     `.averages`, `.samples` (one dict per item), `.to_pandas()`, `.to_dict()` (= results.json).
+    `calibration` ("contextual" or "pmi"; either stores both) adds calibrated scores (see README).
 
     >>> result = pa.evaluate("gemma-3-270m", langs=["en", "de"], labels=["english", "native"], limit=8)
     >>> result.to_pandas()[["lang", "labels", "acc"]]
@@ -136,7 +138,7 @@ def evaluate(model="gemma-3-270m", tokenizer=None, *, tasks: list[str] | str = "
                      labels=_comma(labels, "labels"), scoring=scoring, output=_path(output, "output"),
                      data=_path(data, "data"), limit=limit, dtype=dtype, device=device,
                      adapter=_path(adapter, "adapter"), batch_tokens=batch_tokens, max_length=max_length,
-                     trust_file_labels=trust_file_labels, progress=progress)
+                     trust_file_labels=trust_file_labels, calibration=calibration, progress=progress)
     return _evaluate(cfg, model=loaded, tokenizer=tokenizer)
 
 

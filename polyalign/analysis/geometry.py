@@ -9,7 +9,9 @@
 2. PCA, fitted per layer jointly on all languages (scikit-learn); 2-D scatter plots coloured by
    language and by item index.
 3. Pearson: np.corrcoef of the 1-D PCA scores of every pair of languages across the parallel items.
-4. Beyond the paper: per layer and language, the mean cosine of parallel pairs (item i in X and in
+4. MEXA (Kargaran et al. 2024; analysis/mexa.py) per layer and language into the pivot, after the
+   same centering, pooled over layers, with the adapter-minus-base difference (mexa.csv, summary.json).
+5. Beyond the paper: per layer and language, the mean cosine of parallel pairs (item i in X and in
    the pivot language) against non-parallel pairs (i in X, j≠i in the pivot), and the retrieval
    accuracy (is the nearest pivot item of X's item i its translation?). Vectors are centred first
    (--center lang: per language, the default; joint; none), because mean-pooled states share a large
@@ -28,6 +30,7 @@ import torch
 
 from polyalign import config as C
 from polyalign import languages
+from polyalign.analysis import mexa
 from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
@@ -60,7 +63,7 @@ class GeometryConfig:
                                                          "the test item only; last: last token")
     layers: str | None = option(None, help="layers to plot, comma list, negatives count from the end "
                                            "(default: the middle one and the last-but-one)")
-    pivot: str = option("en", help="language that alignment metrics retrieve into")
+    pivot: str = option("en", help="language that alignment metrics and MEXA retrieve into")
     center: str = option("lang", choices=CENTERS, help="centering before cosines/retrieval (PCA always centres "
                                                        "jointly)")
     states_dtype: str = option("float32", choices=("float32", "float16"), help="storage type of the cached states")
@@ -322,7 +325,8 @@ def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> Geometry
         log.warning("data: %s", line)
     pivot = cfg.pivot if cfg.pivot in langs else None
     if pivot is None:
-        log.warning("geometry: the pivot language %r is not in --langs; alignment metrics are skipped", cfg.pivot)
+        log.warning("geometry: MEXA and the alignment metrics need English or the pivot named with --pivot among "
+                    "--langs (%r is not); they are skipped", cfg.pivot)
 
     output = Path(cfg.output) if cfg.output is not None else None
     if output is not None:
@@ -416,6 +420,11 @@ def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, i
                       ["model", "reference", "layer", "lang", "d_cos_parallel", "d_cos_nonparallel",
                        "d_retrieval_acc"], delta_rows, CSV_FLOATS)
 
+    # issue 12: MEXA into the pivot, after the same centering as the alignment metrics
+    mexa_summary = None
+    if pivot is not None:
+        mexa_summary = mexa_outputs(output, specs, states, pivot, cfg.center)
+
     figures = []
     if output is not None:
         for layer in chosen:
@@ -435,6 +444,7 @@ def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, i
         "models": list(model_info.values()),
         "layers": chosen,
         "per_layer": {},
+        "mexa": mexa_summary,
         "data_issues": issues,
         "figures": figures,
         "seconds": round(time.time() - started, 3),
@@ -471,6 +481,22 @@ def write_geometry_outputs(cfg, task, langs, specs, states, pivot, model_info, i
                           [dict(zip(align_header, r)) for r in align_rows], states, output)
 
 
+def mexa_outputs(output: Path | None, specs, states, pivot: str, how: str) -> dict:
+    """mexa.csv (model, layer, lang, mexa; with an output folder) and the summary's `mexa` entry: per
+    model and language the per-layer scores and their mean/max over layers, and each adapter's
+    difference from the first model."""
+    scores = {s.label: mexa.mexa_scores(center(states[s.label], how), pivot) for s in specs}
+    if output is not None:
+        write_csv(output / "mexa.csv", ["model", "layer", "lang", "mexa"],
+                  [[label, layer, lang, v] for label, per in scores.items() for lang, e in per.items()
+                   for layer, v in enumerate(e["per_layer"])], CSV_FLOATS)
+    ref = specs[0].label
+    delta = {f"{s.label}-minus-{ref}": {lang: {k: e[k] - scores[ref][lang][k] for k in ("mean", "max")}
+                                        for lang, e in scores[s.label].items()} for s in specs[1:]}
+    return {"pivot": pivot, "center": how, "pooled_layers": "1..L (layer 0, the embeddings, not pooled)",
+            "models": scores, "delta": delta}
+
+
 def format_summary(summary: dict, specs, pivot) -> str:
     lines = []
     for layer, entry in summary["per_layer"].items():
@@ -483,6 +509,9 @@ def format_summary(summary: dict, specs, pivot) -> str:
                 line += (f" | cos par {m['cos_parallel']:.3f} non {m['cos_nonparallel']:.3f}"
                          f" | retrieval {m['retrieval_acc']:.3f}")
             lines.append(line)
+    for label, per in ((summary.get("mexa") or {}).get("models") or {}).items():
+        lines.append(f"MEXA {label:<16} " + "  ".join(f"{lang} {e['mean']:.2f}/{e['max']:.2f}" for lang, e in per.items())
+                     + "  (mean/max over layers)")
     return "\n".join(lines)
 
 

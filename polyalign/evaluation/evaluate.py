@@ -21,6 +21,7 @@ from polyalign import config as C
 from polyalign import hardware, languages
 from polyalign.config import option
 from polyalign.data import load_data
+from polyalign.evaluation import calibration, diagnostics
 from polyalign.errors import PolyalignError
 from polyalign.engine.prompts import check_lengths
 from polyalign.evaluation.scoring import RULES
@@ -48,6 +49,9 @@ class EvalConfig:
     batch_tokens: int | None = C.batch_tokens_option()
     max_length: int | None = C.max_length_option()
     trust_file_labels: bool = C.trust_file_labels_option()
+    calibration: str = option("none", choices=calibration.CALIBRATIONS,
+                              help="also score content-free and answer-cue prompts and store calibrated scores "
+                                   "(any method but none stores all methods: they share one forward)")
     progress: bool = C.progress_option()
     extra: dict = field(default_factory=dict)
 
@@ -103,6 +107,11 @@ def summarize(samples: list[dict], task: str, lang: str, mode: str, rule: str) -
            "truncated": sum(s.get("truncated", False) for s in samples)}
     if rule == "sequence":
         row["acc_byte"] = sum(s["pred_byte"] == s["gold"] for s in samples) / n if n else float("nan")
+    # issue 12: calibrated accuracies (calibrated runs) and the label-bias diagnostics (always)
+    acc_cal = calibration.accuracy_calibrated(samples)
+    if acc_cal is not None:
+        row["acc_calibrated"] = acc_cal
+    row.update(diagnostics.summary_fields(samples, rule))
     return row
 
 
@@ -124,7 +133,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'task':<16} {'labels':<8} {'lang':<4} {'n':>5} {'acc':>7}  95% CI"]
     for r in rows:
         lines.append(f"{r['task']:<16} {r['labels']:<8} {r['lang']:<4} {r['n']:>5} {r['acc']:>7.3f}  "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                     + "".join(f"  {m} {v:.3f}" for m, v in (r.get("acc_calibrated") or {}).items()))
     return "\n".join(lines)
 
 
@@ -143,11 +153,18 @@ class EvalRow:
     ties: int
     truncated: int
     acc_byte: float | None = None
+    # issue 12: label-bias diagnostics (always; see evaluation/diagnostics.py) and, in calibrated runs,
+    # accuracy and bias per calibration method and the group's reference distributions
+    bias: dict | None = None
+    acc_calibrated: dict | None = None
+    bias_calibrated: dict | None = None
+    p_ref: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["acc_byte"] is None:
-            del d["acc_byte"]
+        for key in ("acc_byte", "bias", "acc_calibrated", "bias_calibrated", "p_ref"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -304,6 +321,7 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> EvalResult:
     if cfg.scoring not in RULES:     # the CLI's choices catch it there; from Python, before the model loads
         raise PolyalignError(f"unknown scoring rule {cfg.scoring!r}; use one of {', '.join(RULES)}")
     check_lengths(cfg.batch_tokens, cfg.max_length)
+    calibration.check_calibration(cfg.calibration)
     from polyalign.models import check_adapter, from_loaded, resolve_device, resolve_dtype
     if model is not None:
         if cfg.adapter:
@@ -341,7 +359,9 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> EvalResult:
     output = Path(cfg.output) if cfg.output is not None else None
     settings = {"model": cfg.model, "adapter": cfg.adapter, "dtype": cfg.dtype, "scoring": cfg.scoring,
                 "data": cfg.data, "limit": cfg.limit, "max_length": cfg.max_length,
-                "trust_file_labels": cfg.trust_file_labels}
+                "trust_file_labels": cfg.trust_file_labels,
+                # whether sample lines carry calibrated scores (every method, whichever was asked for)
+                "calibrated": cfg.calibration != "none"}
     settings.update({f"task:{t.name}": content_hash(Path(t.path).read_text("utf-8")) for t in tasks})
     if cfg.batch_tokens is not None:   # the default budget is known once the device is (below)
         settings["batch_tokens"] = cfg.batch_tokens
@@ -405,11 +425,14 @@ def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, ran
         done = store.done(task.name, mode, lang)
         bar.set_postfix_str(f"{task.name}/{mode}/{lang}")
         bar.update(sum(1 for i in ids if i in done))
+        refs = None
         if len(done) < len(items):
             started = time.perf_counter()
             group = scorer.prepare(task, lang, mode, items)
             overlaps += [f"{task.name}/{mode}/{lang}: {d}" for d in group.plan.describe_overlaps(lm.tokenizer)]
             words = group.plan.words
+            refs = (calibration.load_or_compute(scorer, group, output, write=rank == 0)
+                    if cfg.calibration != "none" else None)
             for b_index, batch in enumerate(scorer.batches(group)):
                 if b_index % world != rank:
                     continue
@@ -433,6 +456,9 @@ def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, ran
                     if "scores_per_byte" in res:
                         rec["scores_per_byte"] = res["scores_per_byte"]
                         rec["pred_byte"] = task.classes[decide(res["scores_per_byte"], where)[0]]
+                    if refs is not None:
+                        rec.update(calibration.calibrated_fields(res["scores"], refs, task.classes, cfg.scoring,
+                                                                 where))
                     records.append(rec)
                     scored_tokens += len(scorer.rows(group, p)[0])
                 store.append(task.name, mode, lang, records)
@@ -445,6 +471,8 @@ def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, ran
         if rank == 0:
             samples += ordered
             rows.append(summarize(ordered, task.name, lang, mode, cfg.scoring))
+            if cfg.calibration != "none":   # issue 12: the group's p_cf and p(c | cue)
+                rows[-1]["p_ref"] = calibration.group_references(refs, output, task.name, mode, lang)
             log.info("%-16s %-8s %-3s acc %.3f  (n=%d)", task.name, mode, lang, rows[-1]["acc"], rows[-1]["n"])
             if output is not None:
                 _write_results(output, cfg, lm, machine, _in_order(rows + others, tasks, modes, langs), issues,

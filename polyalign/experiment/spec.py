@@ -87,6 +87,7 @@ def eval_defaults() -> dict:
     from polyalign.evaluation.evaluate import EvalConfig
 
     out = {k: v for k, v in C.defaults(EvalConfig).items() if k not in EVAL_RUNNER_SET}
+    out["calibration"] = "contextual"   # issue 12: experiments calibrate by default (the report compares)
     keys = [k for k in out if k != "limit"]
     keys.insert(keys.index("data"), "limit")       # manifest.json lists limit before data, as it always has
     return {k: out[k] for k in keys}

@@ -418,6 +418,10 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     else:
         doc.p("No finished evaluation yet.")
     doc.blocks += results_blocks.blocks
+    # ---- alignment or calibration? (issue 12; its sentences join the summary above)
+    from polyalign.reporting.alignment import alignment_sections, geometry_summaries
+    alignment_sections(doc, summary_lines, exported, evals, geometry_summaries(run, done), settings, setting_order,
+                       lang_order, n_boot, boot_seed, fig_dir, multi=len(models) > 1)
 
     # ---- training
     trains = [s for s in done if s["kind"] == "train"]
