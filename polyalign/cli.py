@@ -39,6 +39,13 @@ COMMANDS = {
     "geometry": Command("polyalign.analysis.geometry",
                         "hidden-state geometry: PCA, Pearson of parallel items, cross-lingual alignment",
                         "GeometryConfig", "run_geometry"),
+    # issue 13: language neurons and the tuned lens
+    "neurons": Command("polyalign.analysis.neurons",
+                       "language-specific FFN neurons (LAPE): counts, overlaps, base vs adapter, deactivation",
+                       "NeuronsConfig", "run_neurons"),
+    "tune-lens": Command("polyalign.analysis.tuned_lens",
+                         "train a multilingual tuned lens (one affine translator per layer)",
+                         "TuneLensConfig", "tune_lens"),
     "run": Command("polyalign.experiment.run",
                    "run an experiment file end to end (resumable): eval, prepare, train, analyses, report",
                    "RunConfig", "run"),
@@ -68,7 +75,16 @@ def _show_report(cfg, result) -> None:
         raise PolyalignError(problem)
 
 
-SHOW = {"prepare": _show_prepare, "report": _show_report}
+def _show_neurons(cfg, result) -> None:
+    print(result.table())
+
+
+def _show_tune_lens(cfg, result) -> None:
+    print(f"tune-lens: KL (bits, mean over layers) {result['kl_first']:.4f} -> {result['kl_last']:.4f}; "
+          f"lens in {result.lens_file}")
+
+
+SHOW = {"prepare": _show_prepare, "report": _show_report, "neurons": _show_neurons, "tune-lens": _show_tune_lens}
 
 
 # ----------------------------------------------------------------------------- the shell

@@ -365,3 +365,90 @@ def test_damaged_results_json_is_one_line(tmp_path, capsys, content):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert str(res.parent) in err and "results.json" in err and "done.json" in err
+
+
+# ----------------------------------------------------------------------------- issue 13: language neurons
+def test_language_neurons_section_from_a_real_run(tmp_path, tiny_llama_path, one_thread, capsys):
+    """A tiny experiment with the neurons analysis through `polyalign run` (every step real); the
+    section's numbers against the step's own files: neurons.json and the evaluations' results.json."""
+    import yaml
+
+    from polyalign import cli
+    from polyalign.analysis.neurons import jaccard
+    from polyalign.reporting.neurons import MARGIN, STABLE
+    raw = {"name": "neu", "model": tiny_llama_path, "dtype": "fp32", "device": "cpu",
+           "settings": [{"sources": ["zh", "de"], "task": "amazon_polarity", "per_language": 8,
+                         "prepare": {"val_size": 2}}],
+           "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "eval_steps": 1},
+           "eval": {"tasks": ["snli"], "langs": ["en", "zh"], "limit": 3},
+           "analyses": {"neurons": {"langs": ["en", "de", "zh", "ja"],
+                                    "options": {"tokens_per_language": 600, "top_rate": 0.05, "deactivate": True,
+                                                "eval_langs": "en,zh", "eval_limit": 3}}},
+           "report": {"bootstrap": 200}}
+    path = tmp_path / "neu.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    assert cli.main(["run", str(path), "--output", str(run)]) == 0
+    capsys.readouterr()
+    manifest = json.loads((run / "manifest.json").read_text())
+    step = next(s for s in manifest["steps"] if s["kind"] == "neurons")
+    folder = run / step["dir"]
+    lists = json.loads((folder / "neurons.json").read_text())["models"]
+    assert list(lists) == ["base", "zhde-en"]            # the adapter is named after its setting
+    md = (run / "report.md").read_text()
+    section = md[md.index("## Language neurons"):]
+    section = section[:section.index("\n## ", 5)]
+
+    def table(caption_start: str) -> list[list[str]]:
+        """The body rows of the Markdown table whose caption (the line below it) holds caption_start."""
+        lines = section.splitlines()
+        end = next(i for i, line in enumerate(lines) if line.startswith("*") and caption_start in line) - 1
+        start = end
+        while start > 0 and lines[start - 1].startswith("|"):
+            start -= 1
+        return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[start + 2:end]]
+
+    sets = {m: {lang: {(int(layer), i) for layer, idx in per.items() for i in idx}
+                for lang, per in lists[m]["neurons"].items()} for m in lists}
+    langs = ["en", "de", "zh", "ja"]
+    layers = table("language-specific neurons per layer")
+    for row in layers:
+        layer = int(row[0])
+        assert [int(c) for c in row[1:]] == [sum(1 for lang in langs for (li, _) in sets[m][lang] if li == layer)
+                                             for m in ("base", "zhde-en")]
+    per_lang = {row[0]: row for row in table("language-specific neurons per language")}
+    seen = {"zh", "de", "en"}
+    for lang in langs:
+        base, trained = sets["base"][lang], sets["zhde-en"][lang]
+        row = per_lang[lang]
+        assert int(row[1]) == len(base) and row[2] == f"{len(trained)}{'†' if lang in seen else ''}"
+        j = jaccard(base, trained)
+        assert row[3] == ("—" if j != j else f"{j:.2f}")
+    # The sentence: the numbers and the verdict the stated rules give for them.
+    js = [jaccard(sets["base"][lang], sets["zhde-en"][lang]) for lang in ("en", "de", "zh")]
+    js = sum(x for x in js if x == x) / max(1, sum(1 for x in js if x == x))
+    ju = jaccard(sets["base"]["ja"], sets["zhde-en"]["ja"])
+    sentence = next(line for line in section.splitlines() if line.startswith("- zhde-en:"))
+    assert f"share {js:.2f}" in sentence
+    if ju == ju:
+        assert f"share {ju:.2f}" in sentence
+        verdict = ("largely unchanged" if js >= STABLE and ju >= STABLE else
+                   "seen languages' neurons more" if js + MARGIN <= ju else
+                   "unseen languages' neurons more" if ju + MARGIN <= js else "alike")
+        assert verdict in sentence
+    # The deactivation matrices: each evaluation's accuracy minus the one with nothing zeroed.
+    acc = {}
+    for name in ("none", "en", "de", "zh", "ja", "random-en", "random-de", "random-zh", "random-ja"):
+        found = list((folder / "deactivate").glob(f"{name}-????????"))
+        if found:
+            res = json.loads((found[0] / "results.json").read_text())
+            acc[name] = {r["lang"]: r["acc"] for r in res["rows"]}
+    zeroed = [lang for lang in langs if lang in acc]
+    assert zeroed
+    for caption, prefix in (("with the language neurons zeroed", ""), ("with the random control", "random-")):
+        rows = {row[0]: row[1:] for row in table(caption)}
+        assert list(rows) == zeroed
+        for lang in zeroed:
+            assert rows[lang] == [f"{100 * (acc[prefix + lang][e] - acc['none'][e]):+.1f}" for e in ("en", "zh")]
+    assert any(line.startswith("- Deactivation: zeroing a language's neurons") for line in section.splitlines())
+    assert "neuron_counts_base.png" in section or "neuron counts base" in section

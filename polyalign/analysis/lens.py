@@ -38,6 +38,7 @@ from polyalign.errors import PolyalignError
 from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
                                        check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
                                        release_memory, write_npz)
+from polyalign.analysis.tuned_lens import LENS_KINDS, check_lens_kind, lens_views, tuned_states
 from polyalign.store import content_hash, write_csv, write_json
 from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.tasks import LABEL_MODES, Task, load_task
@@ -124,8 +125,9 @@ def lens_measures(model, states: torch.Tensor, columns: list[list[int]], chunk_r
 
 
 @torch.inference_mode()
-def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None) -> dict[str, np.ndarray]:
-    """The lens over one language's prompts -> per-sample arrays (all samples, excluded ones too)."""
+def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None, translators=None) -> dict[str, np.ndarray]:
+    """The lens over one language's prompts -> per-sample arrays (all samples, excluded ones too).
+    With `translators` (analysis.tuned_lens), the tuned lens instead of the logit lens."""
     columns = sets.columns()
     n, c = len(ps.prompts), len(sets.classes)
     out_sets = out_ent = None
@@ -134,7 +136,11 @@ def run_group(model, runner, ps: PromptSet, sets: LensSets, bar=None) -> dict[st
         suffixes = [p.suffix for p in group]
         last_hidden, hidden = runner.forward(prefix, suffixes, hidden_states=True)
         pos = torch.tensor([len(s) - 1 for s in suffixes], device=last_hidden.device)
-        states = answer_states(model, hidden, last_hidden, pos)
+        if translators is None:
+            states = answer_states(model, hidden, last_hidden, pos)
+        else:  # issue 13: the tuned lens
+            states = tuned_states(model, translators, hidden, last_hidden,
+                                  torch.arange(len(suffixes), device=pos.device), pos)
         probs, ent = lens_measures(model, states, columns)
         if out_sets is None:
             out_sets = np.full((n, states.shape[1], len(columns)), np.nan, dtype=np.float64)
@@ -238,6 +244,10 @@ class LensConfig:
     trust_file_labels: bool = C.trust_file_labels_option()
     recompute: bool = option(False, help="ignore the per-language results a previous run left in --output/parts")
     progress: bool = C.progress_option()
+    # issue 13: the tuned lens
+    lens: str = option("logit", choices=LENS_KINDS,
+                       help="logit, tuned (needs --tuned-lens) or both (the two side by side)")
+    tuned_lens: str | None = option(None, metavar="DIR", help="a lens trained by `polyalign tune-lens`")
 
 
 @dataclass
@@ -296,6 +306,7 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
     langs = languages.parse_langs(cfg.langs)
     check_mode(cfg.labels)
     check_lengths(cfg.batch_tokens, cfg.max_length)
+    check_lens_kind(cfg.lens, cfg.tuned_lens)
     for lang in langs:  # cheap checks before any model loads
         task.demo_prefix(lang, cfg.labels)
         task.label_words(lang, "native")
@@ -310,6 +321,7 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
         specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
     else:
         specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    specs, tuned = lens_views(specs, cfg.lens, cfg.tuned_lens)   # with the tuned lens: <model>-tuned views
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     for line in issues:
         log.warning("data: %s", line)
@@ -332,7 +344,8 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
             key = path = got = None
             if output is not None:
                 key = cache_key(spec, cfg, task_hash, lang, prompt_texts(task, lang, cfg.labels, items[lang]),
-                                v=PART_VERSION, gold=[it["label"] for it in items[lang]], **weights)
+                                v=PART_VERSION, gold=[it["label"] for it in items[lang]], **weights,
+                                **({"tuned_lens": tuned[spec.label].fingerprint} if spec.label in tuned else {}))
                 path = output / "parts" / spec.label / f"{lang}.npz"
                 got = None if cfg.recompute else load_part(path, key)
             if got is not None:
@@ -342,14 +355,23 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
     total = sum(len(items[lang]) for spec_todo in todo.values() for lang, _, _ in spec_todo)
     bar = tqdm(total=total, desc="lens", unit="item", disable=not cfg.progress or not total, dynamic_ncols=True)
     model_info = []
+    lm = None
     for spec in specs:
         info = {"label": spec.label, "model": spec.model, "adapter": spec.adapter,
                 "cached_langs": sorted(results[spec.label])}
+        if spec.label in tuned:
+            info["lens"], info["tuned_lens"] = "tuned", tuned[spec.label].folder
         if spec in todo:
-            lm = preloaded or load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+            if preloaded is not None:
+                lm = preloaded
+            elif lm is None or (lm.name, lm.adapter) != (spec.model, spec.adapter):  # logit and tuned views share a load
+                lm = runner = None
+                release_memory()
+                lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
             was_training = lm.model.training
             lm.model.eval()
             runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
+            translators = tuned[spec.label].load(lm.model) if spec.label in tuned else None
             limit = min(cfg.max_length or 1 << 30, max_context(lm.model, lm.tokenizer))
             t0 = time.perf_counter()
             try:
@@ -357,7 +379,7 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
                     bar.set_postfix_str(f"{spec.label}/{lang}")
                     sets = lens_sets(lm.tokenizer, task, lang)
                     ps = prepare_prompts(lm.tokenizer, task, lang, cfg.labels, items[lang], limit)
-                    arrays = run_group(lm.model, runner, ps, sets, bar)
+                    arrays = run_group(lm.model, runner, ps, sets, bar, translators)
                     tokens = {"target_words": sets.target_words, "english_words": sets.english_words,
                               "target_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.target],
                               "english_tokens": [lm.tokenizer.convert_ids_to_tokens(t) for t in sets.english],
@@ -369,11 +391,12 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
                 lm.model.train(was_training)
             info.update({"dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "seconds": round(time.perf_counter() - t0, 3)})
-            del lm, runner
-            release_memory()
+            del runner
         info["layers"] = next(iter(results[spec.label].values()))["entropy_bits"].shape[1] - 1
         model_info.append(info)
     bar.close()
+    lm = None
+    release_memory()
     return write_lens_outputs(cfg, task, langs, specs, results, set_info, model_info, issues, started)
 
 

@@ -1,6 +1,6 @@
 """The plan of `polyalign run`: an experiment's steps, their hash keys and their folders.
 
-    eval (base) -> per setting: prepare -> train -> eval (adapter) -> lens, geometry -> report
+    eval (base) -> per setting: prepare -> train -> eval (adapter) -> lens, geometry, neurons -> report
 
 Every step writes into `<run>/steps/<kind>-<hash>/`, where the hash covers the step's inputs and
 the keys of the steps it depends on.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from polyalign.errors import PolyalignError
 from polyalign import config as C
+from polyalign import languages
 from polyalign.experiment.spec import Experiment, ModelEntry, Setting
 from polyalign.store import atomic_folder, content_hash
 
@@ -23,7 +24,7 @@ SCHEMA_VERSION = 1
 # ----------------------------------------------------------------------------- steps
 @dataclass
 class Step:
-    kind: str                       # eval | prepare | train | lens | geometry
+    kind: str                       # eval | prepare | train | lens | geometry | neurons | tune_lens | tuned_lens
     label: str                      # what the progress line shows
     inputs: dict                    # everything that determines the artefact
     deps: list["Step"]
@@ -91,7 +92,10 @@ def outputs_problem(kind: str, folder: Path) -> str | None:
         except PolyalignError:
             return "the adapter (adapter_config.json) is missing"
         return None if _json_file(found / "adapter_config.json") is not None else "adapter_config.json is unreadable"
-    if kind in ("lens", "geometry"):
+    if kind == "tune_lens":
+        return None if (folder / "lens.safetensors").is_file() and _json_file(folder / "lens.json") is not None \
+            else "the tuned lens (lens.safetensors, lens.json) is missing"
+    if kind in ("lens", "geometry", "neurons", "tuned_lens"):
         return None if _json_file(folder / "summary.json") is not None else "summary.json is missing or unreadable"
     return None
 
@@ -127,7 +131,8 @@ def adapter_dir(train_folder: Path) -> Path:
 
 
 # Which command runs a step of each kind.
-COMMAND_OF = {"eval": "evaluate", "prepare": "prepare", "train": "train", "lens": "lens", "geometry": "geometry"}
+COMMAND_OF = {"eval": "evaluate", "prepare": "prepare", "train": "train", "lens": "lens", "geometry": "geometry",
+              "neurons": "neurons", "tune_lens": "tune-lens", "tuned_lens": "lens"}
 # Eval options that name the eval folders whatever their value; any other option does when it is set
 # to something other than its default (so that adding an option keeps today's folders' names).
 EVAL_HASHED = ("scoring", "limit", "data", "max_length", "trust_file_labels")
@@ -157,6 +162,15 @@ def plan(exp: Experiment) -> list[Step]:
         if cfg is not None:
             for m in exp.models:
                 add(_analysis_step(exp, kind, cfg, m, [trains[(m.label, sname)] for sname in cfg["settings"]]))
+    if exp.tuned_lens is not None:     # a tuned lens trained on each base model, then read beside the logit lens
+        cfg = exp.tuned_lens
+        for m in exp.models:
+            tune = add(_tune_lens_step(exp, cfg, m))
+            add(_analysis_step(exp, "tuned_lens", cfg, m, [trains[(m.label, sname)] for sname in cfg["settings"]],
+                               tune))
+    if exp.neurons is not None:
+        for m in exp.models:
+            add(_neurons_step(exp, exp.neurons, m, [trains[(m.label, sname)] for sname in exp.neurons["settings"]]))
     return steps
 
 
@@ -224,15 +238,19 @@ def _train_step(exp: Experiment, m: ModelEntry, s: Setting, prepare: Step) -> St
                 config)
 
 
-def _analysis_step(exp: Experiment, kind: str, cfg: dict, m: ModelEntry, chosen: list[Step]) -> Step:
+def _analysis_step(exp: Experiment, kind: str, cfg: dict, m: ModelEntry, chosen: list[Step],
+                   tune: Step | None = None) -> Step:
+    """A lens, geometry or tuned_lens step (the last reads the lens of the `tune` step beside the logit lens)."""
     from polyalign.experiment.spec import _analysis_config
 
     ain = {"model": m.name, "dtype": m.dtype, "task": cfg["task"], "task_file": _task_hash(cfg["task"]),
            "langs": cfg["langs"], "limit": cfg["limit"], "data": cfg["data"], "options": cfg["options"],
            "compare": list(cfg["settings"])}
     given = {"model": m.name, "task": cfg["task"], "langs": ",".join(cfg["langs"])}
-    if kind == "lens":
+    if kind in ("lens", "tuned_lens"):
         ain["labels"] = given["labels"] = cfg["labels"]
+    if kind == "tuned_lens":
+        given["lens"] = "both"
     for key in ("limit", "data"):
         if cfg[key]:
             given[key] = cfg[key]
@@ -244,9 +262,54 @@ def _analysis_step(exp: Experiment, kind: str, cfg: dict, m: ModelEntry, chosen:
     n = _count_items(cfg["task"], cfg["langs"], cfg["data"], cfg["limit"])
     mlabel = f" {m.label}" if len(exp.models) > 1 else ""
     what = ("base vs " + ", ".join(cfg["settings"])) if cfg["settings"] else "base"
-    return Step(kind, f"{kind}{mlabel} {what}", ain, chosen,
-                40 + n * (1 + len(chosen)) * (1.2 if kind == "lens" else 0.5), m.label,
+    deps = ([tune] if tune else []) + chosen
+    views = 2 if kind == "tuned_lens" else 1
+    return Step(kind, f"{kind.replace('_', ' ')}{mlabel} {what}", ain, deps,
+                40 + n * (1 + len(chosen)) * views * (0.5 if kind == "geometry" else 1.2), m.label,
                 ",".join(cfg["settings"]) or None, cfg["task"], None, config)
+
+
+def _tune_lens_step(exp: Experiment, cfg: dict, m: ModelEntry) -> Step:
+    from polyalign.analysis.tuned_lens import TuneLensConfig
+
+    tin = {"model": m.name, "dtype": m.dtype, "train": cfg["train"]}
+    given = {"model": m.name}
+    if m.dtype and m.dtype != "auto":
+        given["dtype"] = m.dtype
+    if exp.device and exp.device != "auto":
+        given["device"] = exp.device
+    config = C.from_mapping(TuneLensConfig, {**given, **cfg["train"]}, "analyses.tuned_lens.train")
+    mlabel = f" {m.label}" if len(exp.models) > 1 else ""
+    return Step("tune_lens", f"tune-lens{mlabel}", tin, [], 60 + config.steps * config.tokens_per_step / 500,
+                m.label, None, None, None, config)
+
+
+def _neurons_step(exp: Experiment, cfg: dict, m: ModelEntry, chosen: list[Step]) -> Step:
+    from polyalign.analysis.neurons import NeuronsConfig
+
+    nin = {"model": m.name, "dtype": m.dtype, "langs": cfg["langs"], "data": cfg["data"], "options": cfg["options"],
+           "compare": list(cfg["settings"])}
+    given = {"model": m.name, "langs": ",".join(cfg["langs"]), "eval_task": exp.eval["tasks"][0],
+             "eval_labels": exp.eval["labels"][0]}
+    if cfg["data"]:
+        given["data"] = cfg["data"]
+    if m.dtype and m.dtype != "auto":
+        given["dtype"] = m.dtype
+    if exp.device and exp.device != "auto":
+        given["device"] = exp.device
+    config = C.from_mapping(NeuronsConfig, {**given, **cfg["options"]}, "analyses.neurons")
+    if config.deactivate:   # what is evaluated names the step too, when it is the runner's choice
+        nin["eval_task"], nin["eval_labels"] = config.eval_task, config.eval_labels
+    tokens = config.tokens_per_language * len(cfg["langs"]) * (1 + len(chosen))
+    evals = 0
+    if config.deactivate:    # nothing zeroed, then each language's neurons and its random control
+        eval_langs = languages.parse_langs(config.eval_langs or config.langs)
+        evals = (1 + 2 * len(cfg["langs"])) * _count_items(config.eval_task, eval_langs, config.eval_data,
+                                                           config.eval_limit)
+    mlabel = f" {m.label}" if len(exp.models) > 1 else ""
+    what = ("base vs " + ", ".join(cfg["settings"])) if cfg["settings"] else "base"
+    return Step("neurons", f"neurons{mlabel} {what}", nin, chosen, 40 + tokens / 200 + evals, m.label,
+                ",".join(cfg["settings"]) or None, None, None, config)
 
 
 def step_config(st: Step, run: Path):
@@ -257,10 +320,12 @@ def step_config(st: Step, run: Path):
         cfg = replace(cfg, adapter=str(adapter_dir(st.deps[0].folder(run))))
     elif st.kind == "train":
         cfg = replace(cfg, data=str(st.deps[0].folder(run)))
-    elif st.kind in ("lens", "geometry"):
+    elif st.kind in ("lens", "geometry", "neurons", "tuned_lens"):
         # A copy named after the setting, so that the step's tables and legends say which it is.
         cfg = replace(cfg, compare_adapter=[str(_named_adapter(st.folder(run), d.folder(run), d.setting))
-                                            for d in st.deps])
+                                            for d in st.deps if d.kind == "train"])
+        if st.kind == "tuned_lens":
+            cfg = replace(cfg, tuned_lens=str(next(d for d in st.deps if d.kind == "tune_lens").folder(run)))
     return cfg
 
 

@@ -72,6 +72,8 @@ def _manifest(exp: Experiment, steps: list[Step], run: Path, status: dict[str, d
         "eval": exp.eval,
         "lens": exp.lens,
         "geometry": exp.geometry,
+        "neurons": exp.neurons,
+        "tuned_lens": exp.tuned_lens,
         "report": exp.report,
         "steps": [{"kind": st.kind, "label": st.label, "model": st.model, "setting": st.setting,
                    "task": st.task, "key": st.key, "dir": str(st.folder(run).relative_to(run)),

@@ -38,7 +38,7 @@ DEFAULTS: dict = {
     "prepare": {},                  # `polyalign prepare` options for every setting
     "train": {},                    # training hyper-parameters for every setting
     "eval": {},                     # `polyalign evaluate` options: see eval_defaults()
-    "analyses": {"lens": None, "geometry": None},
+    "analyses": {"lens": None, "geometry": None, "neurons": None, "tuned_lens": None},
     "report": {"title": None, "bootstrap": 10000, "seed": 0, "alpha": 0.05},
 }
 SETTING_DEFAULTS: dict = {
@@ -61,6 +61,17 @@ GEOMETRY_DEFAULTS: dict = {
     "task": None, "langs": ["en", "de", "fr", "hi", "th", "sw", "ms"], "limit": None, "data": None,
     "settings": None, "options": {},
 }
+NEURONS_DEFAULTS: dict = {
+    "langs": None,                  # default: the eval languages
+    "data": None,                   # text source (default: the bundled task sets and question pool)
+    "settings": None,               # which settings' adapters to compare with the base (default: all)
+    "options": {},                  # other `polyalign neurons` options (tokens_per_language, deactivate, ...)
+}
+TUNED_LENS_DEFAULTS: dict = {
+    **LENS_DEFAULTS,                # the lens read with the logit and the tuned lens side by side
+    "train": {},                    # `polyalign tune-lens` options (the lens is trained on the base model)
+}
+TUNE_LENS_RUNNER_SET = ("model", "adapter", "output", "progress", "dtype", "device")
 MODEL_DEFAULTS: dict = {"name": None, "label": None, "dtype": None, "train": {}}
 
 # Options of a step's command that the runner sets itself (from the models, the run folder and the
@@ -212,6 +223,8 @@ class Experiment:
     lens: dict | None
     geometry: dict | None
     report: dict
+    neurons: dict | None = None
+    tuned_lens: dict | None = None
     source: str = ""
     raw: dict = field(default_factory=dict)
 
@@ -320,13 +333,13 @@ def validate(raw: dict, default_name: str = "experiment", check_data: bool = Tru
     ev, tasks = _eval_section(top["eval"], check_data)
     settings = _settings(top, ev, tasks, seed, check_data)
     _train_sections(top["train"], models, settings)
-    lens, geometry = _analyses(top["analyses"], ev, [s.name for s in settings], tasks, check_data)
+    lens, geometry, neurons, tuned_lens = _analyses(top["analyses"], ev, [s.name for s in settings], tasks, check_data)
     rep = _report_section(top["report"])
     output = _opt_str(top["output"], "output") or str(Path("runs") / name)
     return Experiment(name=name, description=str(top["description"] or ""), hardware=str(top["hardware"] or ""),
                       output=output, models=models, dtype=top["dtype"], device=top["device"], seed=seed,
                       settings=settings, prepare=top["prepare"], train=top["train"], eval=ev, lens=lens,
-                      geometry=geometry, report=rep, raw=raw)
+                      geometry=geometry, report=rep, neurons=neurons, tuned_lens=tuned_lens, raw=raw)
 
 
 def _dtype(value, where: str) -> str | None:
@@ -458,18 +471,62 @@ def _analyses(raw, ev: dict, setting_names: list[str], tasks: dict, check_data: 
 
     an = _check_keys(raw or {}, DEFAULTS["analyses"], "analyses")
     lens = geometry = None
-    if an["lens"] is not None:
-        lens = _analysis(an["lens"], LENS_DEFAULTS, "analyses.lens", ev, setting_names, tasks, check_data)
-        lmode = _opt_str(lens["labels"], "analyses.lens.labels")
+    found = {}
+    for kind, defaults in (("lens", LENS_DEFAULTS), ("tuned_lens", TUNED_LENS_DEFAULTS)):
+        if an[kind] is None:
+            continue
+        where = f"analyses.{kind}"
+        a = found[kind] = _analysis(an[kind], defaults, where, ev, setting_names, tasks, check_data)
+        lmode = _opt_str(a["labels"], f"{where}.labels")
         if lmode not in LABEL_MODES:
-            raise PolyalignError(f"analyses.lens.labels: unknown label mode {lmode!r}{_nearest(lmode, LABEL_MODES)}")
-        _check_task_langs(load_task(lens["task"]), lens["langs"], [lmode], "analyses.lens")
+            raise PolyalignError(f"{where}.labels: unknown label mode {lmode!r}{_nearest(lmode, LABEL_MODES)}")
+        _check_task_langs(load_task(a["task"]), a["langs"], [lmode], where)
+    lens, tuned_lens = found.get("lens"), found.get("tuned_lens")
+    if tuned_lens is not None:
+        from polyalign.analysis.tuned_lens import TuneLensConfig
+        tuned_lens["train"] = _options(TuneLensConfig, tuned_lens["train"], "analyses.tuned_lens.train",
+                                       TUNE_LENS_RUNNER_SET)
     if an["geometry"] is not None:
         geometry = _analysis(an["geometry"], GEOMETRY_DEFAULTS, "analyses.geometry", ev, setting_names, tasks,
                              check_data)
         if len(geometry["langs"]) < 2:
             raise PolyalignError("analyses.geometry.langs: give at least two languages to compare")
-    return lens, geometry
+    neurons = None
+    if an["neurons"] is not None:
+        neurons = _neurons_analysis(an["neurons"], ev, setting_names, check_data)
+    return lens, geometry, neurons, tuned_lens
+
+
+def _neurons_analysis(raw, ev: dict, setting_names: list[str], check_data: bool) -> dict:
+    """`analyses.neurons`: the languages whose neurons are found (at least two: LAPE compares them),
+    their text, the settings compared with the base, and `polyalign neurons` options."""
+    from polyalign.analysis.neurons import NeuronsConfig
+
+    where = "analyses.neurons"
+    a = _check_keys({} if raw is True else raw, NEURONS_DEFAULTS, where)
+    a["langs"] = _lang_list(a["langs"] if a["langs"] is not None else ev["langs"], f"{where}.langs")
+    if len(a["langs"]) < 2:
+        raise PolyalignError(f"{where}.langs: give at least two languages (language-specific neurons are found "
+                             "by comparing languages)")
+    a["data"] = _opt_str(a["data"], f"{where}.data")
+    if check_data and a["data"] and not a["data"].startswith("hf:") and "{" not in a["data"] \
+            and not Path(a["data"]).exists():
+        raise PolyalignError(f"{where}.data: data path not found: {a['data']}")
+    a["settings"] = _chosen_settings(a["settings"], setting_names, where)
+    a["options"] = _options(NeuronsConfig, a["options"], f"{where}.options", ANALYSIS_RUNNER_SET)
+    return a
+
+
+def _chosen_settings(chosen, setting_names: list[str], where: str) -> list[str]:
+    """An analysis's `settings:` (default: all), each checked against the experiment's settings."""
+    if chosen is None:
+        chosen = list(setting_names)
+    elif isinstance(chosen, str):
+        chosen = [chosen]
+    for sname in chosen:
+        if sname not in setting_names:
+            raise PolyalignError(f"{where}.settings: no setting named {sname!r}{_nearest(sname, setting_names)}")
+    return list(chosen)
 
 
 def _report_section(raw) -> dict:
@@ -495,22 +552,15 @@ def _analysis(raw, defaults, where, ev, setting_names, tasks, check_data) -> dic
     a["data"] = _opt_str(a["data"], f"{where}.data")
     if check_data:
         _check_eval_data(task, a["langs"], a["data"], where)
-    chosen = a["settings"]
-    if chosen is None:
-        chosen = list(setting_names)
-    elif isinstance(chosen, str):
-        chosen = [chosen]
-    for sname in chosen:
-        if sname not in setting_names:
-            raise PolyalignError(f"{where}.settings: no setting named {sname!r}{_nearest(sname, setting_names)}")
-    a["settings"] = list(chosen)
-    a["options"] = _options(_analysis_config(where.split(".")[-1]), a["options"], f"{where}.options",
-                            ANALYSIS_RUNNER_SET)
+    a["settings"] = _chosen_settings(a["settings"], setting_names, where)
+    kind = where.split(".")[-1]
+    runner_set = ANALYSIS_RUNNER_SET + (("tuned_lens",) if kind == "tuned_lens" else ())   # the runner's lens
+    a["options"] = _options(_analysis_config(kind), a["options"], f"{where}.options", runner_set)
     return a
 
 
 def _analysis_config(kind: str):
-    if kind == "lens":
+    if kind in ("lens", "tuned_lens"):
         from polyalign.analysis.lens import LensConfig
         return LensConfig
     from polyalign.analysis.geometry import GeometryConfig

@@ -362,8 +362,8 @@ class RunView:
     out_dir: Path
     fig_dir: Path
 
-    def finished(self, kind: str) -> list[dict]:
-        return [s for s in self.done if s["kind"] == kind]
+    def finished(self, *kinds: str) -> list[dict]:
+        return [s for s in self.done if s["kind"] in kinds]
 
 
 def read_run(run_dir: str | Path, bootstrap: int | None = None, seed: int | None = None) -> RunView:
@@ -406,6 +406,8 @@ def build_report(run_dir: str | Path, bootstrap: int | None = None, seed: int | 
     _training_section(doc, exported, view)
     _lens_section(doc, exported, view)
     _geometry_section(doc, exported, view)
+    from polyalign.reporting.neurons import neurons_section    # (it imports this module's tables)
+    neurons_section(doc, view.run, view.finished("neurons"), view.settings, exported)
     _timing_section(doc, exported, view)
     _method_notes(doc, view)
     return _write_report(doc, exported, view, title)
@@ -494,7 +496,7 @@ def _training_section(doc: Doc, exported: list[Table], view: RunView) -> None:
 
 
 def _lens_section(doc: Doc, exported: list[Table], view: RunView) -> None:
-    lens_steps = view.finished("lens")
+    lens_steps = view.finished("lens", "tuned_lens")   # tuned_lens: both lenses side by side
     if not lens_steps:
         return
     doc.h(2, "Logit lens")
