@@ -113,6 +113,10 @@ def test_training_lowers_kl_last_layer_is_the_output_and_resume(tiny_llama_path,
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == (tmp_path / "b" / "log.jsonl").read_text().count("\n")
+    # A rerun of a finished lens trains nothing and returns what the folder holds.
+    monkeypatch.setattr(T, "lens_loss_and_backward", lambda *a, **k: pytest.fail("a finished lens was retrained"))
+    again = T.tune_lens(_cfg(tiny_llama_path, tmp_path / "a"))
+    assert again["kl_last"] == info["kl_last"]
 
 
 def _batches_per_step(path):

@@ -328,11 +328,11 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "lens.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in translators.state_dict().items()}, str(tmp))
-    log = [r for r in read_jsonl(out / "log.jsonl") if r["step"] <= cfg.steps]
+    history = [r for r in read_jsonl(out / "log.jsonl") if r["step"] <= cfg.steps]
     info = {"fingerprint": fingerprint, "settings": settings, "langs": langs, "layers": translators.n_layers,
             "hidden_size": dcfg.hidden_size, "tokens_per_language": {l: sum(map(len, per_lang[l])) for l in langs},
-            "kl_first": float(np.mean(log[0]["kl_bits"])) if log else float("nan"),
-            "kl_last": float(np.mean(log[-1]["kl_bits"])) if log else float("nan"),
+            "kl_first": float(np.mean(history[0]["kl_bits"])) if history else float("nan"),
+            "kl_last": float(np.mean(history[-1]["kl_bits"])) if history else float("nan"),
             "objective": "KL(final || lens), mean over tokens, summed over layers", "optimizer":
             f"SGD nesterov momentum {beta}, lr {cfg.lr_scale * (1 - beta)} linear decay, weight decay "
             f"{cfg.weight_decay}, grad norm clip 1.0"}
@@ -359,10 +359,10 @@ def _resume(out: Path, fingerprint: str, translators, opt, sched) -> int:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
-    log = out / "log.jsonl"
-    if log.is_file():       # steps logged after the checkpoint are redone: drop their lines
+    log_path = out / "log.jsonl"
+    if log_path.is_file():       # steps logged after the checkpoint are redone: drop their lines
         from polyalign.store import write_jsonl
-        write_jsonl(log, [r for r in read_jsonl(log, repair=True) if r["step"] <= step])
+        write_jsonl(log_path, [r for r in read_jsonl(log_path, repair=True) if r["step"] <= step])
     return step
 
 
