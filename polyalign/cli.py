@@ -114,7 +114,9 @@ class ConsoleHandler(logging.Handler):
         try:
             from tqdm.auto import tqdm
             err = record.levelno >= logging.WARNING or getattr(record, "stderr", False)
-            tqdm.write(self.format(record), file=sys.stderr if err else sys.stdout)
+            stream = sys.stderr if err else sys.stdout
+            tqdm.write(self.format(record), file=stream)
+            stream.flush()    # progress lines show at once in a log file too
         except Exception:  # noqa: BLE001 - logging must never break the command
             self.handleError(record)
 

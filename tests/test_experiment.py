@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def run_dir(tmp_path):
 
 def _run(exp, run_dir, fake, monkeypatch, **kw):
     monkeypatch.setattr(X, "run_command", fake)
-    return X.run_experiment(exp, str(run_dir), check_models=False, **kw)
+    return X.run_experiment(exp, str(run_dir), check_models=False, out=sys.stdout, **kw)
 
 
 @pytest.mark.slow
@@ -345,7 +346,7 @@ def test_a_step_whose_outputs_went_missing_is_run_again(run_dir, monkeypatch, ca
     (steps["train sw-en"].folder(run_dir) / "adapter_config.json").unlink()
     (steps["eval zhde-en snli"].folder(run_dir) / "results.json").write_text('{"rows": [', "utf-8")   # cut short
     capsys.readouterr()
-    X.run_experiment(exp, str(run_dir), report=False, dry_run=True, check_models=False)
+    X.run_experiment(exp, str(run_dir), report=False, dry_run=True, check_models=False, out=sys.stdout)
     listing = capsys.readouterr().out
     assert "results.json is missing or unreadable" in listing and "adapter" in listing
 
@@ -418,7 +419,7 @@ def test_cli_bad_file_and_model(tmp_path, capsys):
 
 def test_dry_run_lists_steps(tmp_path, capsys):
     exp = validate(base_raw())
-    X.run_experiment(exp, str(tmp_path / "run"), dry_run=True)
+    X.run_experiment(exp, str(tmp_path / "run"), dry_run=True, out=sys.stdout)
     out = capsys.readouterr().out
     assert "[9/9] geometry base vs zhde-en, sw-en" in out and "pending" in out
     assert not (tmp_path / "run").exists()
@@ -534,3 +535,14 @@ def test_unknown_hub_model_offline_is_quick(monkeypatch):
     with pytest.raises(PolyalignError, match=r"cannot load model 'polyalign-no-such-org/no-such-model-0'.*offline"):
         X.check_model("polyalign-no-such-org/no-such-model-0")
     assert time.time() - started < 10
+
+
+def test_the_library_run_prints_nothing_it_logs(tmp_path, capsys, caplog):
+    """Without a stream, run_experiment writes nothing to stdout/stderr: its lines go to logging."""
+    import logging
+    exp = validate(base_raw())
+    with caplog.at_level(logging.INFO, logger="polyalign"):
+        X.run_experiment(exp, str(tmp_path / "run"), dry_run=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert any("[9/9] geometry base vs zhde-en, sw-en" in r.getMessage() for r in caplog.records)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +29,8 @@ from polyalign.experiment.plan import (COMMAND_OF, SCHEMA_VERSION, Step, adapter
                                        plan, step_config)
 from polyalign.experiment.spec import Experiment, apply_overrides, load_experiment, validate  # noqa: F401
 from polyalign.store import write_atomic, write_json
+
+log = logging.getLogger(__name__)
 
 
 
@@ -83,8 +85,15 @@ def _manifest(exp: Experiment, steps: list[Step], run: Path, status: dict[str, d
 
 def run_experiment(exp: Experiment, output: str | None = None, report: bool = True, dry_run: bool = False,
                    check_models: bool = True, out=None) -> Path:
-    """Run (or resume) every step of `exp`; returns the run folder."""
-    out = out or sys.stdout
+    """Run (or resume) every step of `exp`; returns the run folder. Progress lines go to `out` (a
+    text stream) when given, else to logging (the CLI shows them on stdout; the library prints nothing)."""
+
+    def say(message: str) -> None:
+        if out is None:
+            log.info("%s", message)
+        else:
+            print(message, file=out, flush=True)
+
     run = Path(output or exp.output)
     steps = plan(exp)
     status: dict[str, dict] = {}
@@ -101,8 +110,8 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
             check_model(m.name, hub=False)  # a missing local folder; the hub is asked only by a real run
         for i, st in enumerate(steps, 1):
             problem = status[st.key].get("problem")
-            print(f"[{i}/{n}] {st.label:<40} {status[st.key]['status']:<8} {st.folder(run)}"
-                  + (f"  ({problem})" if problem else ""), file=out)
+            say(f"[{i}/{n}] {st.label:<40} {status[st.key]['status']:<8} {st.folder(run)}"
+                + (f"  ({problem})" if problem else ""))
         return run
     if check_models:
         preflight(exp, steps, run)
@@ -114,21 +123,21 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
     todo_w = sum(st.weight for st in steps if status[st.key]["status"] != "done")
     started = time.time()
     spent_w = 0.0
-    print(f"experiment {exp.name}: {n} steps ({n - sum(1 for s in status.values() if s['status'] == 'done')} "
-          f"to run) in {run}", file=out)
+    say(f"experiment {exp.name}: {n} steps ({n - sum(1 for s in status.values() if s['status'] == 'done')} "
+        f"to run) in {run}")
     for i, st in enumerate(steps, 1):
         head = f"[{i}/{n}] {st.label}"
         if status[st.key]["status"] == "done":
-            print(f"{head}: done earlier ({_fmt_seconds(status[st.key].get('seconds'))}), "
-                  f"kept {st.folder(run).relative_to(run)}", file=out)
+            say(f"{head}: done earlier ({_fmt_seconds(status[st.key].get('seconds'))}), "
+                f"kept {st.folder(run).relative_to(run)}")
             continue
         elapsed = time.time() - started
         frac = spent_w / todo_w if todo_w else 1.0
         eta = (elapsed / spent_w * (todo_w - spent_w)) if spent_w and elapsed > 1 else None
         if status[st.key].get("problem"):
-            print(f"{head}: finished earlier but {status[st.key]['problem']}; running it again", file=out)
-        print(f"{head}  {_bar(frac)} {frac * 100:3.0f}%  elapsed {_fmt_seconds(elapsed)}  "
-              f"ETA {_fmt_seconds(eta) if eta is not None else 'after the first step'}", file=out, flush=True)
+            say(f"{head}: finished earlier but {status[st.key]['problem']}; running it again")
+        say(f"{head}  {_bar(frac)} {frac * 100:3.0f}%  elapsed {_fmt_seconds(elapsed)}  "
+            f"ETA {_fmt_seconds(eta) if eta is not None else 'after the first step'}")
         folder = st.folder(run)
         folder.parent.mkdir(parents=True, exist_ok=True)   # the step command creates its own folder
         t0 = time.time()
@@ -161,7 +170,7 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         status[st.key] = {"status": "done", "seconds": round(seconds, 2), "ran_now": True}
         spent_w += st.weight
         write_json(run / "manifest.json", _manifest(exp, steps, run, status))
-        print(f"{head}: done in {_fmt_seconds(seconds)}", file=out, flush=True)
+        say(f"{head}: done in {_fmt_seconds(seconds)}")
         _free_memory()
     wall = time.time() - started
     manifest = _manifest(exp, steps, run, status)
@@ -174,8 +183,8 @@ def run_experiment(exp: Experiment, output: str | None = None, report: bool = Tr
         manifest["report_seconds"] = round(time.time() - t0, 2)
         manifest["last_run_seconds"] = round(time.time() - started, 2)
         write_json(run / "manifest.json", manifest)
-        print(f"all {n} steps done in {_fmt_seconds(time.time() - started)}; report: {run / 'report.md'}", file=out)
-        print(str(html), file=out, flush=True)
+        say(f"all {n} steps done in {_fmt_seconds(time.time() - started)}; report: {run / 'report.md'}")
+        say(str(html))
     return run
 
 
@@ -253,8 +262,6 @@ def check_model(name: str, hub: bool = True) -> None:
         raise PolyalignError(f"model folder not found: {name}")
     if not hub:
         return
-    import logging
-
     from transformers import AutoConfig
 
     from polyalign.hf import hub_reachable
