@@ -5,7 +5,7 @@
 
 plain    = the same runner, the same batches and the same prefix, the decoder forward alone.
 counting = `polyalign.analysis.activations.count_activations`: that forward with a hook on every
-           layer's gate projection (act_fn, > 0, a sum over tokens into int64 counts).
+           layer's gate projection (> 0, summed over tokens in cache-sized row chunks).
 Per language the two run back to back (so load from other processes hits them alike) and the best
 of --repeats counts for each. Wall and process CPU time are both shown. Target: counting <= 1.2 x plain.
 """

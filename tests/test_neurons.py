@@ -63,6 +63,34 @@ def test_counts_equal_brute_force(tiny_model_path, one_thread, packed):
     assert counts.sum() > 0 and (counts < tokens).any()
 
 
+def test_sign_preserving_activations_fire_where_their_input_is_positive():
+    """The counter skips the activation for these: act(x) > 0 must be x > 0, in fp32 and bf16, for
+    every transformers activation in the list (and a list entry that is not sign-preserving fails)."""
+    from transformers.activations import ACT2CLS
+
+    from polyalign.analysis.activations import SIGN_PRESERVING, MLPParts
+    x = torch.cat([torch.linspace(-60, 60, 20001), torch.randn(20000) * 3])
+    x = x[x.abs() > 1e-6]
+    checked = 0
+    for name, cls in ACT2CLS.items():
+        cls, kwargs = (cls[0], cls[1]) if isinstance(cls, tuple) else (cls, {})
+        try:
+            act = cls(**kwargs)
+        except TypeError:       # needs arguments the registry does not give (e.g. clipping bounds)
+            continue
+        parts = MLPParts(None, None, act, None, 0, True)
+        for dtype in (torch.float32, torch.bfloat16):
+            act = act.to(dtype)           # modules with parameters (PReLU) compute in their dtype
+            truth = act(x.to(dtype)) > 0
+            if parts.sign_preserving:
+                assert torch.equal(parts.fired(x.to(dtype)), truth), name
+                assert torch.equal(truth, x.to(dtype) > 0), f"{name} is listed but not sign-preserving"
+                checked += 1
+            else:
+                assert torch.equal(parts.fired(x.to(dtype)), truth), name
+    assert checked >= 2 * 8 and {"GELUTanh", "SiLUActivation"} <= SIGN_PRESERVING
+
+
 def test_unknown_mlp_is_one_line(tiny_llama_path):
     lm = _load(tiny_llama_path)
 

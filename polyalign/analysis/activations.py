@@ -33,6 +33,18 @@ _LAYOUTS = (
 )
 
 
+# Activations whose output is positive exactly where their input is (x·Φ(x), x·σ(x), ReLU, ...): for
+# these the hook counts `pre(x) > 0` and skips recomputing the activation, which cost about as much
+# as the compare and the sum together (bench_neurons: 1.27x a plain forward with it on Gemma-3-270M).
+SIGN_PRESERVING = {"GELU", "GELUActivation", "GELUTanh", "FastGELUActivation", "NewGELUActivation",
+                   "AccurateGELUActivation", "QuickGELUActivation", "ClippedGELUActivation", "SiLU",
+                   "SiLUActivation", "ReLU", "ReLU6", "LeakyReLU", "Mish", "MishActivation", "Tanh",
+                   "Hardswish", "LinearActivation"}
+
+
+CPU_ROWS = 256     # rows per compare-and-sum on a CPU (see ActivationCounter._hook)
+
+
 @dataclass
 class MLPParts:
     """Where one layer's neurons live."""
@@ -42,6 +54,17 @@ class MLPParts:
     down: torch.nn.Module         # its input holds the neurons' contributions (times up_proj if gated)
     size: int                     # neurons in this layer
     gated: bool
+
+    @property
+    def sign_preserving(self) -> bool:
+        act = self.act
+        if isinstance(act, torch.nn.LeakyReLU) and act.negative_slope < 0:
+            return False
+        return type(act).__name__ in SIGN_PRESERVING
+
+    def fired(self, pre_output: torch.Tensor) -> torch.Tensor:
+        """Where the activation is positive (bool, the shape of `pre_output`)."""
+        return pre_output > 0 if self.sign_preserving else self.act(pre_output) > 0
 
 
 def decoder_layers(model) -> list:
@@ -100,9 +123,15 @@ class ActivationCounter:
         def count(module, inputs, output):
             if not self.enabled:
                 return
-            fired = self.parts[i].act(output) > 0
-            fired = fired[self.valid] if self.valid is not None else fired.reshape(-1, fired.shape[-1])
-            self.counts[i] += fired.sum(0)
+            rows = output.reshape(-1, output.shape[-1])
+            if self.valid is not None:
+                rows = rows[self.valid.reshape(-1)]
+            # On a CPU, compare and sum a few hundred rows at a time: they stay in cache, where one
+            # pass over a batch's [8192, 2048] gate output took ~5x as long (its bool sum over rows
+            # alone cost more than the compare). One pass on a GPU.
+            chunk = CPU_ROWS if rows.device.type == "cpu" else len(rows) or 1
+            for part in rows.split(chunk):
+                self.counts[i] += self.parts[i].fired(part).sum(0, dtype=torch.int32)
         return count
 
     @contextlib.contextmanager
