@@ -300,9 +300,8 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
     from polyalign.analysis.neurons import MIN_SHARE, _load_tokenizer
     from polyalign.engine.model_parts import decoder_of, unwrap
     from polyalign.engine.runner import PrefixRunner
-    from polyalign.models import check_adapter, load_model
-
     from polyalign.evaluation.evaluate import _dist   # the launch detection evaluate uses (torchrun, gloo on CPU)
+    from polyalign.models import check_adapter, load_model
 
     _check(cfg)
     langs = languages.parse_langs(cfg.langs)
