@@ -25,6 +25,7 @@ _LAZY = {
     "train": "polyalign.api",
     "logit_lens": "polyalign.api",
     "geometry": "polyalign.api",
+    "neurons": "polyalign.api",
     "report": "polyalign.api",
     "PreparedPairs": "polyalign.api",
     "TrainResult": "polyalign.api",
@@ -34,6 +35,7 @@ _LAZY = {
     "EvalAverage": "polyalign.evaluation.evaluate",
     "LensResult": "polyalign.analysis.lens",
     "GeometryResult": "polyalign.analysis.geometry",
+    "NeuronsResult": "polyalign.analysis.neurons",
     "LoadedModel": "polyalign.models",
     "Task": "polyalign.tasks",
 }

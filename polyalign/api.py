@@ -23,13 +23,14 @@ from polyalign.errors import PolyalignError
 if TYPE_CHECKING:   # the heavy modules (torch) load only when a function runs
     from polyalign.analysis.geometry import GeometryResult
     from polyalign.analysis.lens import LensResult
+    from polyalign.analysis.neurons import NeuronsResult
     from polyalign.data import LoadedData
     from polyalign.evaluation.evaluate import EvalResult
     from polyalign.models import LoadedModel
     from polyalign.tasks import Task
 
 __all__ = ["load_model", "load_task", "load_data", "evaluate", "prepare_pairs", "train", "logit_lens",
-           "geometry", "report", "PreparedPairs", "TrainResult", "ReportResult"]
+           "geometry", "neurons", "report", "PreparedPairs", "TrainResult", "ReportResult"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -251,6 +252,31 @@ def geometry(model="gemma-3-270m", tokenizer=None, *, task: str = "amazon_polari
                   adapter=_path(adapter, "adapter"), compare_adapter=[os.fspath(c) for c in compare],
                   data=_path(data, "data"), limit=limit, progress=progress, **options)
     return run_geometry(cfg, model=loaded, tokenizer=tokenizer)
+
+
+def neurons(model="gemma-3-270m", tokenizer=None, *, langs: list[str] | str = "all",
+            output: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
+            compare_adapter: list[str] | str | None = None, data: str | os.PathLike | None = None,
+            tokens_per_language: int = 20000, progress: bool = True, **options) -> "NeuronsResult":
+    """Language-specific FFN neurons (LAPE, Tang et al. 2024), as `polyalign neurons`: per-layer
+    counts per language, overlaps between languages, and with `compare_adapter` (with a model name)
+    each language's neurons base vs trained. `model` as for `evaluate`. Other options (tasks,
+    max_sequence_tokens, filter_percentile, top_rate, activation_percentile, seen, deactivate and the
+    eval_* options, dtype, device, batch_tokens, recompute) by keyword. Without `output` nothing is
+    written.
+
+    >>> found = pa.neurons("gemma-3-270m", langs=["en", "zh"], tokens_per_language=4000)
+    >>> found["models"]["base"]["per_language"]
+    >>> found.selections["base"].neurons[1][5]        # zh's neurons in layer 5
+    """
+    from polyalign.analysis.neurons import NeuronsConfig, run_neurons
+    loaded, name = _model_and_name(model, tokenizer)
+    compare = [compare_adapter] if isinstance(compare_adapter, (str, os.PathLike)) else list(compare_adapter or [])
+    cfg = _config(NeuronsConfig, model=name or "gemma-3-270m", langs=_comma(langs, "langs"),
+                  output=_path(output, "output"), adapter=_path(adapter, "adapter"),
+                  compare_adapter=[os.fspath(c) for c in compare], data=_path(data, "data"),
+                  tokens_per_language=tokens_per_language, progress=progress, **options)
+    return run_neurons(cfg, model=loaded, tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------------------- report

@@ -80,6 +80,8 @@ def _show_neurons(cfg, result) -> None:
 
 
 def _show_tune_lens(cfg, result) -> None:
+    if result is None:      # a process other than rank 0 of a torchrun launch
+        return
     print(f"tune-lens: KL (bits, mean over layers) {result['kl_first']:.4f} -> {result['kl_last']:.4f}; "
           f"lens in {result.lens_file}")
 

@@ -67,7 +67,7 @@ def test_subpackages_do_not_shadow_the_functions():
     for name in pa.__all__:
         assert getattr(pa, name) is not None, name
     for name in ("load_model", "load_task", "load_data", "evaluate", "prepare_pairs", "train", "logit_lens",
-                 "geometry", "report"):
+                 "geometry", "neurons", "report"):
         fn = getattr(pa, name)
         assert callable(fn) and not isinstance(fn, type(sys)), name
         assert fn.__doc__ and ">>>" in fn.__doc__, f"{name} has no example in its docstring"

@@ -329,3 +329,40 @@ def test_deactivation_matrix_and_fresh_caches(tiny_llama_path, tmp_path, one_thr
         plain = read_jsonl(folder["none"] / "samples" / "amazon_polarity" / "english" / f"{e}.jsonl")
         assert [s["scores"] for s in mine] != [s["scores"] for s in plain]
     assert (out / "deactivation.csv").is_file() and (out / "deactivation.png").is_file()
+
+
+def test_in_memory_equals_the_folder_run(tiny_llama_path, tmp_path, one_thread, monkeypatch):
+    """pa.neurons without output (by name, and on a loaded model) writes nothing and finds what the
+    folder run finds: probabilities, selections, summary, deactivation accuracies."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import polyalign as pa
+    from polyalign.analysis import neurons as N
+    opts = dict(langs=["en", "de"], tokens_per_language=600, top_rate=0.2, dtype="fp32", device="cpu",
+                deactivate=True, eval_langs="en,de", eval_limit=4, progress=False)
+    folder = pa.neurons(tiny_llama_path, output=tmp_path / "folder", **opts)
+    monkeypatch.chdir(tmp_path / "folder")       # a run in memory must not write (its default folder either)
+    by_name = pa.neurons(tiny_llama_path, **opts)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    loaded = pa.neurons(model, AutoTokenizer.from_pretrained(tiny_llama_path), **opts)
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == sorted(
+        ["parts", "deactivate", "neurons.json", "probabilities.npz", "counts.csv", "overlap.csv", "summary.json",
+         "deactivation.csv", "deactivation.png", "neuron_counts_base.png", "neuron_overlap_base.png"])
+    assert isinstance(folder, N.NeuronsResult) and folder.output == tmp_path / "folder"
+    on_disk = json.loads((tmp_path / "folder" / "summary.json").read_text())
+    with np.load(tmp_path / "folder" / "probabilities.npz") as z:
+        probs = z["base/probabilities"]
+    for mem in (by_name, loaded):
+        assert mem.output is None and mem["figures"] == []
+        np.testing.assert_array_equal(mem.probabilities["base"], probs)
+        assert mem.selections["base"] == folder.selections["base"]
+        assert mem["models"] == on_disk["models"] and mem["tokens"] == on_disk["tokens"]
+        d, ref = mem["deactivation"], on_disk["deactivation"]
+        assert d["accuracy"] == ref["accuracy"] and d["change"] == ref["change"]
+        assert d["random_change"] == ref["random_change"] and set(d["folders"].values()) == {None}
+    assert loaded["config"]["model"] == tiny_llama_path and loaded["config"]["output"] is None
+    assert not model.training                    # put back as it was given (eval after from_pretrained)
+    with pytest.raises(pa.PolyalignError, match="apply to a model name"):
+        pa.neurons(model, AutoTokenizer.from_pretrained(tiny_llama_path), adapter=str(tmp_path), **opts)

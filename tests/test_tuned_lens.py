@@ -202,3 +202,74 @@ def test_experiment_trains_and_reads_the_tuned_lens(tiny_llama_path, tmp_path, o
         assert (r["model"], int(r["layer"]), r["measure"]) == (m["model"], m["layer"], m["measure"])
         assert float(r["mean"]) == pytest.approx(m["mean"], rel=1e-5, abs=1e-9)
     assert "base-tuned" in (run / "report.md").read_text()
+
+
+def test_my_share_deals_every_sequence_once():
+    seqs = [[0] * n for n in (5, 9, 2, 7, 7, 1, 3)]
+    idx = [6, 0, 3, 1, 4, 2, 5]
+    shares = [T.my_share(idx, seqs, 3, r) for r in range(3)]
+    assert sorted(i for s in shares for i in s) == sorted(idx)
+    # snake order by length: 9,7,7 | 5,3,2 | 1 -> rank 0 gets 9,2,1; rank 1 7,3; rank 2 7,5
+    assert shares == [[1, 2, 5], [3, 6], [4, 0]]
+    assert T.my_share(idx, seqs, 1, 0) == sorted(idx, key=lambda i: (-len(seqs[i]), i))
+
+
+@pytest.mark.slow      # two processes: not in `make test-fast`
+def test_two_cpu_processes_train_the_same_translators(tiny_llama_path, tmp_path, one_thread, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m polyalign tune-lens` (gloo on CPU) trains the translators one
+    process trains on the same data, with one log written once; and two processes resume a run that
+    one process began and was killed in."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from test_distributed import _free_port
+    launcher = Path(sys.executable).with_name("torchrun")
+    if not launcher.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    T.tune_lens(_cfg(tiny_llama_path, tmp_path / "single"))
+
+    def launch(out):
+        args = ["tune-lens", "--model", tiny_llama_path, "--langs", "en,de,zh", "--tokens-per-language", "400",
+                "--steps", "8", "--tokens-per-step", "300", "--save-every", "3", "--dtype", "fp32",
+                "--device", "cpu", "--no-progress", "--output", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                               "-m", "polyalign", *args], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("tune-lens: ") == 1, proc.stdout      # rank 0 alone reports
+
+    def same_as_single(out):
+        assert sorted(p.name for p in out.iterdir()) == ["lens.json", "lens.safetensors", "log.jsonl"]
+        a, b = load_file(str(tmp_path / "single" / "lens.safetensors")), load_file(str(out / "lens.safetensors"))
+        assert (b["weight"] != 0).any()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        # One log, each step once (a process that believed itself alone would have logged its own 8).
+        want = [json.loads(x) for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+        got = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in got] == list(range(1, 9)) and [r["tokens"] for r in got] == [r["tokens"] for r in want]
+        for g, w in zip(got, want):
+            assert g["kl_bits"] == pytest.approx(w["kl_bits"], rel=1e-4, abs=1e-6)
+
+    launch(tmp_path / "multi")
+    same_as_single(tmp_path / "multi")
+
+    # One process killed after step 5 (checkpoint at step 3); two processes resume it.
+    real, calls = T.lens_loss_and_backward, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) > 5 * _batches_per_step(tiny_llama_path):
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(T, "lens_loss_and_backward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        T.tune_lens(_cfg(tiny_llama_path, tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
+    assert (tmp_path / "resumed" / "log.jsonl").read_text().count("\n") == 5
+    launch(tmp_path / "resumed")
+    same_as_single(tmp_path / "resumed")

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -230,28 +230,39 @@ def _load_tokenizer(name: str):
                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
-def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
+def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsResult:
     """Language-specific neurons of cfg.model (with cfg.adapter), and of it with each of
-    cfg.compare_adapter, compared with the first; with cfg.deactivate, the evaluator's accuracy with
-    each language's neurons (and a random control) zeroed in the first model."""
+    cfg.compare_adapter, compared with the first; or of the loaded `model` with its `tokenizer`.
+    With cfg.deactivate, the evaluator's accuracy with each language's neurons (and a random
+    control) zeroed in the first model. With `cfg.output` None nothing is written (no parts to
+    resume from, no figures; deactivation runs are evaluated in memory)."""
     from tqdm.auto import tqdm
 
     from polyalign.analysis.activations import count_activations, language_texts, shared_prefix, token_sequences
-    from polyalign.analysis.common import cache_key, model_specs, release_memory
+    from polyalign.analysis.common import AnalysedModel, cache_key, model_specs, release_memory
     from polyalign.analysis.lens import load_part
-    from polyalign.models import load_model
+    from polyalign.models import from_loaded, load_model
 
     _check(cfg)
     langs = languages.parse_langs(cfg.langs)
     eval_langs = languages.parse_langs(cfg.eval_langs or cfg.langs)
     if cfg.deactivate:
         _check_eval(cfg, eval_langs)
-    specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    preloaded = None
+    if model is not None:
+        if cfg.adapter or cfg.compare_adapter:
+            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
+                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
+        preloaded = from_loaded(model, tokenizer)
+        cfg = replace(cfg, model=preloaded.name)
+        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
+    else:
+        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
     texts = language_texts(langs, cfg.data, cfg.tasks)
     for lang in langs:
         if not any(t.strip() for t in texts[lang]):
             raise PolyalignError(f"neurons: no text in language {lang!r} ({cfg.data or 'bundled sets'})")
-    tok = _load_tokenizer(cfg.model)
+    tok = preloaded.tokenizer if preloaded is not None else _load_tokenizer(cfg.model)
     prefix = shared_prefix(tok)
     sequences = {lang: token_sequences(tok, texts[lang], cfg.tokens_per_language, cfg.max_sequence_tokens)
                  for lang in langs}
@@ -262,16 +273,23 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
                                  f"{MIN_SHARE:.0%} of --tokens-per-language {cfg.tokens_per_language}; "
                                  f"give more text (--data) or a smaller budget")
 
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    if preloaded is not None and output is not None:   # a name says nothing about weights changed in memory
+        from polyalign.models import weights_fingerprint
+        weights = {"loaded_weights": weights_fingerprint(preloaded.model), "torch_dtype": str(preloaded.dtype)}
     counts: dict[str, dict[str, np.ndarray]] = {s.label: {} for s in specs}
     todo: dict = {}
     keycfg = SimpleNamespace(dtype=cfg.dtype, device=cfg.device, max_length=None, labels=None)
     for spec in specs:
         for lang in langs:
-            key = cache_key(spec, keycfg, "neurons", lang, [prefix, sequences[lang]], v=PART_VERSION)
-            path = output / "parts" / spec.label / f"{lang}.npz"
-            got = None if cfg.recompute else load_part(path, key)
+            key = path = got = None
+            if output is not None:
+                key = cache_key(spec, keycfg, "neurons", lang, [prefix, sequences[lang]], v=PART_VERSION, **weights)
+                path = output / "parts" / spec.label / f"{lang}.npz"
+                got = None if cfg.recompute else load_part(path, key)
             if got is not None:
                 counts[spec.label][lang] = got[0]["counts"]
             else:
@@ -283,19 +301,25 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
         need_eval = cfg.deactivate and i == 0
         if spec.label not in todo and not need_eval:
             continue
-        lm = load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
+        lm = preloaded or load_model(spec.model, cfg.dtype, cfg.device, spec.adapter, progress=cfg.progress)
         from polyalign.engine.runner import PrefixRunner
         runner = PrefixRunner(lm.model, lm.tokenizer, cfg.batch_tokens)
-        for lang, key, path in todo.get(spec.label, []):
-            bar.set_postfix_str(f"{spec.label}/{lang}")
-            c, _ = count_activations(lm.model, runner, prefix, sequences[lang], bar)
-            write_npz_stable(path, {"counts": c, "_key": np.array(key),
-                                    "_tokens": np.array(json.dumps({"tokens": sum(map(len, sequences[lang]))}))})
-            counts[spec.label][lang] = c
-        if need_eval:
-            bar.clear()
-            first = _select(cfg, counts[spec.label], sequences, langs)
-            deactivation = run_deactivation(cfg, lm, spec, langs, eval_langs, first)
+        was_training = lm.model.training
+        lm.model.eval()
+        try:
+            for lang, key, path in todo.get(spec.label, []):
+                bar.set_postfix_str(f"{spec.label}/{lang}")
+                c, _ = count_activations(lm.model, runner, prefix, sequences[lang], bar)
+                if path is not None:
+                    write_npz_stable(path, {"counts": c, "_key": np.array(key), "_tokens": np.array(
+                        json.dumps({"tokens": sum(map(len, sequences[lang]))}))})
+                counts[spec.label][lang] = c
+            if need_eval:
+                bar.clear()
+                first = _select(cfg, counts[spec.label], sequences, langs)
+                deactivation = run_deactivation(cfg, lm, spec, langs, eval_langs, first)
+        finally:
+            lm.model.train(was_training)
         del lm, runner
         release_memory()
     bar.close()
@@ -337,9 +361,10 @@ def run_deactivation(cfg: NeuronsConfig, lm, spec, langs, eval_langs, sel: Selec
             runs.append((f"random-{lang}", lang, random_like(sel.neurons[k], widths, cfg.random_seed + k)))
     acc: dict[str, dict[str, float]] = {}
     for name, _, neurons in runs:
-        folder = Path(cfg.output) / "deactivate" / f"{name}-{content_hash(neurons)[:8]}"   # its own, keyed by the neurons
-        ecfg = EvalConfig(model=spec.model, tasks=cfg.eval_task, langs=",".join(eval_langs),
-                          labels=cfg.eval_labels, output=str(folder), data=cfg.eval_data, limit=cfg.eval_limit,
+        folder = (Path(cfg.output) / "deactivate" / f"{name}-{content_hash(neurons)[:8]}"   # its own, keyed by the neurons
+                  if cfg.output is not None else None)
+        ecfg = EvalConfig(model=spec.model, tasks=cfg.eval_task, langs=",".join(eval_langs), labels=cfg.eval_labels,
+                          output=str(folder) if folder is not None else None, data=cfg.eval_data, limit=cfg.eval_limit,
                           dtype=cfg.dtype, device=cfg.device, batch_tokens=cfg.batch_tokens, progress=cfg.progress)
         with deactivated(lm.model, neurons):
             result = evaluate(ecfg, model=lm)   # the loaded model, its adapter with it
@@ -348,7 +373,8 @@ def run_deactivation(cfg: NeuronsConfig, lm, spec, langs, eval_langs, sel: Selec
            "deactivated": [lang for name, lang, _ in runs if lang and not name.startswith("random-")],
            "random_neurons": {lang: {str(layer): idx for layer, idx in enumerate(neurons) if idx}
                               for name, lang, neurons in runs if name.startswith("random-")},
-           "folders": {name: f"deactivate/{name}-{content_hash(neurons)[:8]}" for name, _, neurons in runs}}
+           "folders": {name: f"deactivate/{name}-{content_hash(neurons)[:8]}" if cfg.output is not None else None
+                       for name, _, neurons in runs}}
     for kind, prefix in (("change", ""), ("random_change", "random-")):
         out[kind] = {lang: {e: acc[prefix + lang][e] - acc["none"][e] for e in eval_langs}
                      for lang in out["deactivated"]}
@@ -356,8 +382,9 @@ def run_deactivation(cfg: NeuronsConfig, lm, spec, langs, eval_langs, sel: Selec
 
 
 # ============================================================================= outputs
-def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
-    output = Path(cfg.output)
+def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> NeuronsResult:
+    """The selections, overlaps and comparisons, and (with an output folder) their files."""
+    output = Path(cfg.output) if cfg.output is not None else None
     tokens = {lang: sum(map(len, sequences[lang])) for lang in langs}
     selections, arrays = {}, {"langs": np.array(langs)}
     count_rows, overlap_rows = [], []
@@ -379,10 +406,11 @@ def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
                 for b, lb in enumerate(langs):
                     shared = len(as_set(sel.neurons[a], layer) & as_set(sel.neurons[b], layer))
                     overlap_rows.append([spec.label, "all" if layer is None else layer, la, lb, m[a, b], shared])
-    write_npz_stable(output / "probabilities.npz", arrays)
-    write_csv(output / "counts.csv", ["model", "lang", "layer", "neurons"], count_rows, CSV_FLOATS)
-    write_csv(output / "overlap.csv", ["model", "layer", "lang_a", "lang_b", "jaccard", "shared"], overlap_rows,
-              CSV_FLOATS)
+    if output is not None:
+        write_npz_stable(output / "probabilities.npz", arrays)
+        write_csv(output / "counts.csv", ["model", "lang", "layer", "neurons"], count_rows, CSV_FLOATS)
+        write_csv(output / "overlap.csv", ["model", "layer", "lang_a", "lang_b", "jaccard", "shared"], overlap_rows,
+                  CSV_FLOATS)
 
     settings = {k: getattr(cfg, k) for k in ("tokens_per_language", "max_sequence_tokens", "filter_percentile",
                                             "top_rate", "activation_percentile", "data", "tasks")}
@@ -393,14 +421,14 @@ def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
                   "neurons": {lang: {str(layer): idx for layer, idx in enumerate(sel.neurons[k]) if idx}
                               for k, lang in enumerate(langs)}}
         for s, sel in ((s, selections[s.label]) for s in specs)}}
-    write_json(output / "neurons.json", neurons_json)
-
-    figures = []
-    for s in specs:
-        sel = selections[s.label]
-        figures.append(save_figure(plot_counts(sel, langs, s.label), output / f"neuron_counts_{s.label}.png").name)
-        figures.append(save_figure(plot_overlap(overlap_matrix(sel.neurons), langs, s.label),
-                                   output / f"neuron_overlap_{s.label}.png").name)
+    figures = []          # (in memory: none; plot_counts / plot_overlap draw them from the selections)
+    if output is not None:
+        write_json(output / "neurons.json", neurons_json)
+        for s in specs:
+            sel = selections[s.label]
+            figures.append(save_figure(plot_counts(sel, langs, s.label), output / f"neuron_counts_{s.label}.png").name)
+            figures.append(save_figure(plot_overlap(overlap_matrix(sel.neurons), langs, s.label),
+                                       output / f"neuron_overlap_{s.label}.png").name)
     summary = {"command": "neurons", "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
                "langs": langs, "tokens": tokens,
                "models": {s.label: {"thresholds": neurons_json["models"][s.label]["thresholds"],
@@ -413,17 +441,20 @@ def write_outputs(cfg, specs, langs, counts, sequences, deactivation) -> dict:
                               for t in specs[1:]}
         rows = [[label, r["lang"], r["seen"], r["resource"], r["base"], r["trained"], r["jaccard"]]
                 for label, c in summary["compare"].items() for r in c["languages"]]
-        write_csv(output / "compare.csv", ["model", "lang", "seen", "resource", "base", "trained", "jaccard"], rows,
-                  CSV_FLOATS)
         layer_rows = [[label, lang, layer, b, t, t - b] for label, c in summary["compare"].items()
                       for lang, per in c["layers"].items() for layer, (b, t) in enumerate(per)]
-        write_csv(output / "compare_layers.csv", ["model", "lang", "layer", "base", "trained", "change"], layer_rows,
-                  CSV_FLOATS)
+        if output is not None:
+            write_csv(output / "compare.csv", ["model", "lang", "seen", "resource", "base", "trained", "jaccard"],
+                      rows, CSV_FLOATS)
+            write_csv(output / "compare_layers.csv", ["model", "lang", "layer", "base", "trained", "change"],
+                      layer_rows, CSV_FLOATS)
     if deactivation is not None:
         summary["deactivation"] = deactivation
-        write_deactivation(output, deactivation)
-    write_json(output / "summary.json", summary)
-    log.info("neurons: %s", output / "neurons.json")
+        if output is not None:
+            write_deactivation(output, deactivation)
+    if output is not None:
+        write_json(output / "summary.json", summary)
+        log.info("neurons: %s", output / "neurons.json")
     probs = {s.label: arrays[f"{s.label}/probabilities"] for s in specs}
     return NeuronsResult(summary, selections, probs, list(langs), output)
 

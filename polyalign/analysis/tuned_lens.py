@@ -23,6 +23,15 @@ for a 262k vocabulary the L+1 head products per token dominate the cost.
 
 Outputs in --output: lens.safetensors (the translators), lens.json (what they were trained on and
 for), log.jsonl (KL per layer per step), checkpoint.pt while training (resumed from when rerun).
+
+Several processes (`torchrun --nproc_per_node N -m polyalign tune-lens ...`, gloo on CPU, as
+`polyalign evaluate` and `train` run): every process builds the same sequences and step plan, takes a
+share of each step's sequences (dealt by length, as train deals its examples), and the translators'
+gradients (already scaled by the step's whole token count) and KLs are summed over the processes
+before the identical clip and SGD step on each. The translators are tiny next to the model, so one
+all-reduce per step does what DDP would, without DDP's one-forward-per-backward rule (the translators
+run once per layer). Rank 0 alone writes the log, checkpoints and the lens; every rank resumes from
+the same checkpoint.
 """
 from __future__ import annotations
 
@@ -178,6 +187,35 @@ def step_plan(sequences: list[list[int]], tokens_per_step: int, steps: int) -> l
     return plan
 
 
+def my_share(indices: list[int], sequences: list[list[int]], world: int, rank: int) -> list[int]:
+    """This process's sequences of one step: sorted by length and dealt out in a snake order
+    (0, 1, .., w-1, w-1, .., 0, ...), as training/train.py's plan_step deals its examples, so that the
+    processes get similar token counts."""
+    order = sorted(indices, key=lambda i: (-len(sequences[i]), i))
+    return [i for k, i in enumerate(order)
+            if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+
+
+def sum_over_processes(translators: Translators, kl: torch.Tensor, world: int) -> None:
+    """Sum the translators' gradients and the step's KLs over all processes, in place (one
+    all-reduce each; nothing to do alone)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    params = list(translators.parameters())
+    for p in params:
+        if p.grad is None:         # a process whose share of the step was empty
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+    dist.all_reduce(kl)
+
+
 def real_states(runner, prefix, suffixes):
     """(per-layer hidden states 0..L-1 [T, H], the decoder's normed output [T, H]) of the suffixes'
     real tokens, concatenated; detached normal tensors (usable in autograd)."""
@@ -252,8 +290,9 @@ def _check(cfg: TuneLensConfig) -> None:
         raise PolyalignError(f"--momentum must lie in [0, 1), got {cfg.momentum}")
 
 
-def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
-    """Train (or resume, or find already trained) the translators of cfg.model in cfg.output."""
+def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
+    """Train (or resume, or find already trained) the translators of cfg.model in cfg.output.
+    Under several processes rank 0 returns the result, the others None."""
     from tqdm.auto import tqdm
 
     from polyalign.analysis.activations import language_texts, shared_prefix, token_sequences
@@ -261,6 +300,7 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
     from polyalign.analysis.neurons import MIN_SHARE, _load_tokenizer
     from polyalign.engine.model_parts import decoder_of, unwrap
     from polyalign.engine.runner import PrefixRunner
+    from polyalign.evaluation.evaluate import _dist   # the launch detection evaluate uses (torchrun, gloo on CPU)
     from polyalign.models import check_adapter, load_model
 
     _check(cfg)
@@ -285,12 +325,18 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
     settings["data_hash"] = content_hash(sequences)
     settings["version"] = LENS_VERSION
     fingerprint = content_hash(settings)
+    rank, world, state = _dist(cfg.device)
+    # Every process decides the same way (it reads the same folder) before any writes.
     done = claim_output(out, TUNED_LENS, json.loads(json.dumps(settings)))   # as lens.json holds them
+    if state:
+        state.wait_for_everyone()
     if done is not None:
-        log.info("tune-lens: %s holds this lens already", out)
-        return TuneLensResult(done, out)
+        if rank == 0:
+            log.info("tune-lens: %s holds this lens already", out)
+        return TuneLensResult(done, out) if rank == 0 else None
 
-    lm = load_model(cfg.model, cfg.dtype, cfg.device, cfg.adapter, progress=cfg.progress)
+    device = str(state.device) if state and cfg.device == "auto" else cfg.device
+    lm = load_model(cfg.model, cfg.dtype, device, cfg.adapter, progress=cfg.progress and rank == 0)
     model = lm.model.requires_grad_(False)
     dcfg = decoder_of(model).config
     translators = Translators(dcfg.num_hidden_layers, dcfg.hidden_size).to(lm.device)
@@ -298,15 +344,16 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
     opt = torch.optim.SGD(translators.parameters(), lr=cfg.lr_scale * (1 - beta), momentum=beta, nesterov=beta > 0,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg.steps))
-    start = _resume(out, fingerprint, translators, opt, sched)
+    start = _resume(out, fingerprint, translators, opt, sched, write=rank == 0)
     runner = PrefixRunner(model, lm.tokenizer, cfg.batch_tokens)
     prefix = runner.prefix(shared_prefix(lm.tokenizer))
     vocab = unwrap(model).get_output_embeddings().weight.shape[0]
     chunk = cfg.loss_chunk or max(8, (1 << 25) // vocab)
-    bar = tqdm(total=cfg.steps, initial=start, desc="tune-lens", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="tune-lens", unit="step", disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True)
     for step in range(start, cfg.steps):
-        seqs = [sequences[i] for i in plan[step]]
-        total = sum(map(len, seqs))
+        total = sum(len(sequences[i]) for i in plan[step])       # the whole step's tokens, all processes
+        seqs = [sequences[i] for i in my_share(plan[step], sequences, world, rank)]
         kl = torch.zeros(translators.n_layers, dtype=torch.float64, device=lm.device)
         opt.zero_grad(set_to_none=False)
         for batch in runner.batches([len(s) for s in seqs]):
@@ -314,16 +361,21 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
             hidden, final = real_states(runner, prefix, suffixes)
             share = sum(map(len, suffixes)) / total       # the step's loss is the mean over all its tokens
             kl += lens_loss_and_backward(model, translators, hidden, final, chunk, share) * share
+        sum_over_processes(translators, kl, world)
         torch.nn.utils.clip_grad_norm_(translators.parameters(), 1.0)
         opt.step()
         sched.step()
-        append_lines(out / "log.jsonl", [{"step": step + 1, "tokens": total,
-                                          "kl_bits": [round(float(v) / math.log(2), 6) for v in kl]}])
+        if rank == 0:
+            append_lines(out / "log.jsonl", [{"step": step + 1, "tokens": total,
+                                              "kl_bits": [round(float(v) / math.log(2), 6) for v in kl]}])
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(out, fingerprint, step + 1, translators, opt, sched)
         bar.update(1)
         bar.set_postfix(kl=f"{float(kl.mean()) / math.log(2):.3f}b")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(out, fingerprint, step + 1, translators, opt, sched)
     bar.close()
+    if rank != 0:
+        state.wait_for_everyone()          # until rank 0 has written the lens
+        return None
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "lens.safetensors") as tmp:
@@ -338,6 +390,8 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult:
             f"{cfg.weight_decay}, grad norm clip 1.0"}
     write_json(out / "lens.json", info)
     (out / "checkpoint.pt").unlink(missing_ok=True)
+    if state:
+        state.wait_for_everyone()
     return TuneLensResult(info, out)
 
 
@@ -347,8 +401,9 @@ def _save_checkpoint(out: Path, fingerprint: str, step: int, translators, opt, s
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
 
 
-def _resume(out: Path, fingerprint: str, translators, opt, sched) -> int:
-    """The step to start from: a checkpoint of the same settings, else 0 (and an old log is cut)."""
+def _resume(out: Path, fingerprint: str, translators, opt, sched, write: bool = True) -> int:
+    """The step to start from: a checkpoint of the same settings, else 0 (and, when `write`, an old
+    log is cut: only one process may)."""
     path = out / "checkpoint.pt"
     step = 0
     if path.is_file():
@@ -360,7 +415,7 @@ def _resume(out: Path, fingerprint: str, translators, opt, sched) -> int:
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
     log_path = out / "log.jsonl"
-    if log_path.is_file():       # steps logged after the checkpoint are redone: drop their lines
+    if write and log_path.is_file():       # steps logged after the checkpoint are redone: drop their lines
         from polyalign.store import write_jsonl
         write_jsonl(log_path, [r for r in read_jsonl(log_path, repair=True) if r["step"] <= step])
     return step
