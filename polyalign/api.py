@@ -73,6 +73,34 @@ def _config(cls, **kwargs):
     return cls(**kwargs)
 
 
+def _command_config(cls, model, tokenizer, options: dict):
+    """(the command's config, the loaded model or None) from keyword options. Names, defaults and
+    allowed values are the config dataclass's (written once, there): only what Python callers pass
+    differently is converted here (lists for comma-list options, paths, Task objects). Without
+    `output` the command computes in memory."""
+    from polyalign import config as C
+
+    loaded, name = _model_and_name(model, tokenizer)
+    values = {"output": None}
+    if name is not None:
+        values["model"] = name
+    for key, value in options.items():
+        try:
+            s = C.spec(cls, key)
+        except KeyError:
+            return None, _config(cls, **{key: value})      # the one-line unknown-option error
+        if isinstance(value, os.PathLike) or (s.base is str and hasattr(value, "path")):
+            value = os.fspath(getattr(value, "path", value))          # a Task stands for its file
+        if s.is_list and isinstance(value, (str, os.PathLike)):
+            value = [os.fspath(value)]
+        elif s.is_list and value is not None:
+            value = [os.fspath(getattr(v, "path", v)) for v in value]
+        elif s.base is str and isinstance(value, (list, tuple)):
+            value = _comma(value, key)
+        values[key] = value
+    return _config(cls, **values), loaded
+
+
 # ----------------------------------------------------------------------------- models, tasks, data
 def load_model(name: str | os.PathLike = "gemma-3-270m", *, dtype: str = "auto", device: str = "auto",
                adapter: str | os.PathLike | None = None, progress: bool = True) -> "LoadedModel":
@@ -114,13 +142,7 @@ def load_data(task: "str | Task", langs: list[str] | str = "all", *, data: str |
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(model="gemma-3-270m", tokenizer=None, *, tasks: list[str] | str = "amazon_polarity",
-             langs: list[str] | str = "all", labels: list[str] | str = "english", scoring: str = "paper",
-             output: str | os.PathLike | None = None, limit: int | None = None,
-             data: str | os.PathLike | None = None, progress: bool = True, dtype: str = "auto",
-             device: str = "auto", adapter: str | os.PathLike | None = None, batch_tokens: int | None = None,
-             max_length: int | None = None, trust_file_labels: bool = False,
-             calibration: str = "none") -> "EvalResult":
+def evaluate(model=None, tokenizer=None, **options) -> "EvalResult":
     """Few-shot evaluation with constrained decoding, as `polyalign evaluate`.
 
     `model` is a name (Hugging Face id, folder, `gemma-3-270m`; then `dtype`, `device`, `adapter`
@@ -129,17 +151,14 @@ def evaluate(model="gemma-3-270m", tokenizer=None, *, tasks: list[str] | str = "
     the command line are written and a rerun resumes. Returns an `EvalResult`: `.rows`,
     `.averages`, `.samples` (one dict per item), `.to_pandas()`, `.to_dict()` (= results.json).
     `calibration` ("contextual" or "pmi"; either stores both) adds calibrated scores (see README).
+    Options are those of `polyalign evaluate` (`EvalConfig`: names, defaults and allowed values are
+    written there once), by keyword; list options take Python lists. `model=None`: the default model.
 
     >>> result = pa.evaluate("gemma-3-270m", langs=["en", "de"], labels=["english", "native"], limit=8)
     >>> result.to_pandas()[["lang", "labels", "acc"]]
     """
     from polyalign.evaluation.evaluate import EvalConfig, evaluate as _evaluate
-    loaded, name = _model_and_name(model, tokenizer)
-    cfg = EvalConfig(model=name or "gemma-3-270m", tasks=_comma(tasks, "tasks"), langs=_comma(langs, "langs"),
-                     labels=_comma(labels, "labels"), scoring=scoring, output=_path(output, "output"),
-                     data=_path(data, "data"), limit=limit, dtype=dtype, device=device,
-                     adapter=_path(adapter, "adapter"), batch_tokens=batch_tokens, max_length=max_length,
-                     trust_file_labels=trust_file_labels, calibration=calibration, progress=progress)
+    cfg, loaded = _command_config(EvalConfig, model, tokenizer, options)
     return _evaluate(cfg, model=loaded, tokenizer=tokenizer)
 
 
@@ -206,11 +225,7 @@ def train(data: str | os.PathLike, output: str | os.PathLike, *, model: str | No
 
 
 # ----------------------------------------------------------------------------- analysis
-def logit_lens(model="gemma-3-270m", tokenizer=None, *, task: str = "amazon_polarity",
-               langs: list[str] | str = "zh,ja,ru", labels: str = "native", output: str | os.PathLike | None = None,
-               adapter: str | os.PathLike | None = None, compare_adapter: list[str] | str | None = None,
-               data: str | os.PathLike | None = None, limit: int | None = None, progress: bool = True,
-               **options) -> "LensResult":
+def logit_lens(model=None, tokenizer=None, **options) -> "LensResult":
     """The logit lens at the answer position, per layer and language, as `polyalign lens`: the
     probability of the target-language answer, its English twin, all answers of each, the entropy.
     `model` as for `evaluate`; `compare_adapter` (with a model name) adds models to compare. Other
@@ -222,20 +237,11 @@ def logit_lens(model="gemma-3-270m", tokenizer=None, *, task: str = "amazon_pola
     >>> lens.figure("zh")                         # a matplotlib Figure; shown inline in Jupyter
     """
     from polyalign.analysis.lens import LensConfig, run_lens
-    loaded, name = _model_and_name(model, tokenizer)
-    compare = [compare_adapter] if isinstance(compare_adapter, (str, os.PathLike)) else list(compare_adapter or [])
-    cfg = _config(LensConfig, model=name or "gemma-3-270m", task=os.fspath(getattr(task, "path", task)),
-                  langs=_comma(langs, "langs"), labels=labels, output=_path(output, "output"),
-                  adapter=_path(adapter, "adapter"), compare_adapter=[os.fspath(c) for c in compare],
-                  data=_path(data, "data"), limit=limit, progress=progress, **options)
+    cfg, loaded = _command_config(LensConfig, model, tokenizer, options)
     return run_lens(cfg, model=loaded, tokenizer=tokenizer)
 
 
-def geometry(model="gemma-3-270m", tokenizer=None, *, task: str = "amazon_polarity",
-             langs: list[str] | str = "en,de,fr,hi,th,sw,ms", labels: str = "english",
-             output: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
-             compare_adapter: list[str] | str | None = None, data: str | os.PathLike | None = None,
-             limit: int | None = None, progress: bool = True, **options) -> "GeometryResult":
+def geometry(model=None, tokenizer=None, **options) -> "GeometryResult":
     """Hidden-state geometry of parallel items, as `polyalign geometry`: PCA per layer, Pearson of
     1-D PCA scores for every language pair, parallel-vs-non-parallel cosine and retrieval into the
     pivot language. `model` as for `evaluate`. Other options (pooling, layers, pivot, center,
@@ -245,19 +251,11 @@ def geometry(model="gemma-3-270m", tokenizer=None, *, task: str = "amazon_polari
     >>> geo.to_pandas("alignment").query("lang == 'sw'")
     """
     from polyalign.analysis.geometry import GeometryConfig, run_geometry
-    loaded, name = _model_and_name(model, tokenizer)
-    compare = [compare_adapter] if isinstance(compare_adapter, (str, os.PathLike)) else list(compare_adapter or [])
-    cfg = _config(GeometryConfig, model=name or "gemma-3-270m", task=os.fspath(getattr(task, "path", task)),
-                  langs=_comma(langs, "langs"), labels=labels, output=_path(output, "output"),
-                  adapter=_path(adapter, "adapter"), compare_adapter=[os.fspath(c) for c in compare],
-                  data=_path(data, "data"), limit=limit, progress=progress, **options)
+    cfg, loaded = _command_config(GeometryConfig, model, tokenizer, options)
     return run_geometry(cfg, model=loaded, tokenizer=tokenizer)
 
 
-def neurons(model="gemma-3-270m", tokenizer=None, *, langs: list[str] | str = "all",
-            output: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
-            compare_adapter: list[str] | str | None = None, data: str | os.PathLike | None = None,
-            tokens_per_language: int = 20000, progress: bool = True, **options) -> "NeuronsResult":
+def neurons(model=None, tokenizer=None, **options) -> "NeuronsResult":
     """Language-specific FFN neurons (LAPE, Tang et al. 2024), as `polyalign neurons`: per-layer
     counts per language, overlaps between languages, and with `compare_adapter` (with a model name)
     each language's neurons base vs trained. `model` as for `evaluate`. Other options (tasks,
@@ -270,12 +268,7 @@ def neurons(model="gemma-3-270m", tokenizer=None, *, langs: list[str] | str = "a
     >>> found.selections["base"].neurons[1][5]        # zh's neurons in layer 5
     """
     from polyalign.analysis.neurons import NeuronsConfig, run_neurons
-    loaded, name = _model_and_name(model, tokenizer)
-    compare = [compare_adapter] if isinstance(compare_adapter, (str, os.PathLike)) else list(compare_adapter or [])
-    cfg = _config(NeuronsConfig, model=name or "gemma-3-270m", langs=_comma(langs, "langs"),
-                  output=_path(output, "output"), adapter=_path(adapter, "adapter"),
-                  compare_adapter=[os.fspath(c) for c in compare], data=_path(data, "data"),
-                  tokens_per_language=tokens_per_language, progress=progress, **options)
+    cfg, loaded = _command_config(NeuronsConfig, model, tokenizer, options)
     return run_neurons(cfg, model=loaded, tokenizer=tokenizer)
 
 
