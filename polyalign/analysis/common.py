@@ -3,7 +3,8 @@ texts, the hash that keys their per-(model, language) caches, and their CSV and 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,30 @@ def compare_adapter_option():
 
 def analysis_task_option():
     return option("amazon_polarity", help="task name or task YAML path")
+
+
+def models_to_analyse(cfg, model=None, tokenizer=None):
+    """(cfg, the models to analyse, the loaded model or None) of an analysis command: `cfg.model` with
+    cfg.adapter and each of cfg.compare_adapter, or the loaded `model` with its `tokenizer`."""
+    if model is None:
+        return cfg, model_specs(cfg.model, cfg.adapter, cfg.compare_adapter), None
+    from polyalign.models import from_loaded
+    if cfg.adapter or cfg.compare_adapter:
+        raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
+                             "with peft.PeftModel.from_pretrained(model, adapter) instead")
+    preloaded = from_loaded(model, tokenizer)
+    label = "base" if preloaded.adapter is None else "adapter"
+    return replace(cfg, model=preloaded.name), [AnalysedModel(label, preloaded.name, None)], preloaded
+
+
+class SummaryView(Mapping):
+    """A typed analysis result that also reads like the summary.json it wrote (`result["reading"]`)."""
+
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def __iter__(self):
+        return iter(self.summary)
+
+    def __len__(self):
+        return len(self.summary)

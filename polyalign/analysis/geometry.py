@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,9 @@ from polyalign import languages
 from polyalign.analysis import mexa
 from polyalign.config import option
 from polyalign.errors import PolyalignError
+from polyalign.analysis.common import SummaryView, models_to_analyse
 from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
-                                       check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
+                                       check_mode, compare_adapter_option, load_items, prompt_texts,
                                        release_memory, write_npz)
 from polyalign.engine.prompts import PromptSet, batch_groups, check_lengths, prepare_prompts
 from polyalign.store import content_hash, write_csv, write_json
@@ -266,7 +266,7 @@ def analyse(states: dict[str, np.ndarray], pivot: str | None, how: str):
 
 # ============================================================================= command
 @dataclass
-class GeometryResult(Mapping):
+class GeometryResult(SummaryView):
     """What `run_geometry` found. `summary` is summary.json's content (the result also reads like it:
     `result["per_layer"]`); `pearson` and `alignment` are the rows of pearson.csv and alignment.csv
     at every layer; `states[model][lang]` the pooled hidden states [items, layers + 1, hidden]."""
@@ -286,14 +286,6 @@ class GeometryResult(Mapping):
             raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
         return pd.DataFrame(getattr(self, what))
 
-    def __getitem__(self, key):
-        return self.summary[key]
-
-    def __iter__(self):
-        return iter(self.summary)
-
-    def __len__(self):
-        return len(self.summary)
 
 
 def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> GeometryResult:
@@ -301,7 +293,6 @@ def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> Geometry
     the loaded `model` with its `tokenizer`. With `cfg.output` None nothing is written or cached."""
     from tqdm.auto import tqdm
 
-    from polyalign.models import from_loaded
 
     started = time.time()
     task = load_task(cfg.task)
@@ -318,16 +309,7 @@ def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> Geometry
         raise PolyalignError("--langs lists a language twice")
     for lang in langs:
         task.demo_prefix(lang, cfg.labels)
-    preloaded = None
-    if model is not None:
-        if cfg.adapter or cfg.compare_adapter:
-            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
-                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
-        preloaded = from_loaded(model, tokenizer)
-        cfg = replace(cfg, model=preloaded.name)
-        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
-    else:
-        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    cfg, specs, preloaded = models_to_analyse(cfg, model, tokenizer)
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     n = min(len(items[lang]) for lang in langs)
     if any(len(items[lang]) != n for lang in langs):

@@ -24,8 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,9 @@ from polyalign import config as C
 from polyalign import languages
 from polyalign.config import option
 from polyalign.errors import PolyalignError
+from polyalign.analysis.common import SummaryView, models_to_analyse
 from polyalign.analysis.common import (CSV_FLOATS, AnalysedModel, adapter_option, analysis_task_option, cache_key,
-                                       check_mode, compare_adapter_option, load_items, model_specs, prompt_texts,
+                                       check_mode, compare_adapter_option, load_items, prompt_texts,
                                        release_memory, write_npz)
 from polyalign.analysis.tuned_lens import LENS_KINDS, check_lens_kind, lens_views, tuned_states
 from polyalign.store import content_hash, write_csv, write_json
@@ -251,7 +251,7 @@ class LensConfig:
 
 
 @dataclass
-class LensResult(Mapping):
+class LensResult(SummaryView):
     """What `run_lens` found. `summary` is summary.json's content (the result also reads like it:
     `result["reading"]`); `stats[model][lang]` holds n and, per measure, the (mean, ci_low, ci_high)
     arrays over layers; `samples[model][lang]` the per-sample arrays of samples.npz; `rows` the
@@ -282,14 +282,6 @@ class LensResult(Mapping):
             raise PolyalignError("to_pandas needs pandas: pip install pandas") from None
         return pd.DataFrame(self.rows)
 
-    def __getitem__(self, key):
-        return self.summary[key]
-
-    def __iter__(self):
-        return iter(self.summary)
-
-    def __len__(self):
-        return len(self.summary)
 
 
 def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
@@ -297,7 +289,7 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
     `model` with its `tokenizer`. With `cfg.output` None nothing is written (no parts to resume from)."""
     from tqdm.auto import tqdm
 
-    from polyalign.models import from_loaded, load_model
+    from polyalign.models import load_model
     from polyalign.engine.runner import PrefixRunner
     from polyalign.engine.model_parts import max_context
 
@@ -311,16 +303,7 @@ def run_lens(cfg: LensConfig, *, model=None, tokenizer=None) -> LensResult:
         task.demo_prefix(lang, cfg.labels)
         task.label_words(lang, "native")
         task.label_words(lang, "english")
-    preloaded = None
-    if model is not None:
-        if cfg.adapter or cfg.compare_adapter:
-            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
-                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
-        preloaded = from_loaded(model, tokenizer)
-        cfg = replace(cfg, model=preloaded.name)
-        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
-    else:
-        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    cfg, specs, preloaded = models_to_analyse(cfg, model, tokenizer)
     specs, tuned = lens_views(specs, cfg.lens, cfg.tuned_lens)   # with the tuned lens: <model>-tuned views
     items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
     for line in issues:

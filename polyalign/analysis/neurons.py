@@ -27,8 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from polyalign import config as C
 from polyalign import languages
-from polyalign.analysis.common import CSV_FLOATS, adapter_option, compare_adapter_option
+from polyalign.analysis.common import CSV_FLOATS, SummaryView, adapter_option, compare_adapter_option, models_to_analyse
 from polyalign.config import option
 from polyalign.errors import PolyalignError
 from polyalign.store import atomic_path, content_hash, write_csv, write_json
@@ -163,7 +162,7 @@ class NeuronsConfig:
 
 
 @dataclass
-class NeuronsResult(Mapping):
+class NeuronsResult(SummaryView):
     """What `run_neurons` found. `summary` is summary.json's content (the result also reads like it:
     `result["models"]`); `selections[model]` the LAPE selection of each model (neurons per language
     and layer, its thresholds); `probabilities[model]` the [layers, neurons, languages] matrix."""
@@ -177,14 +176,6 @@ class NeuronsResult(Mapping):
         """Language-specific neurons per model and language, as the command line prints them."""
         return format_counts(self.summary)
 
-    def __getitem__(self, key):
-        return self.summary[key]
-
-    def __iter__(self):
-        return iter(self.summary)
-
-    def __len__(self):
-        return len(self.summary)
 
 
 def _check(cfg: NeuronsConfig) -> None:
@@ -239,25 +230,16 @@ def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsRes
     from tqdm.auto import tqdm
 
     from polyalign.analysis.activations import count_activations, language_texts, shared_prefix, token_sequences
-    from polyalign.analysis.common import AnalysedModel, cache_key, model_specs, release_memory
+    from polyalign.analysis.common import cache_key, release_memory
     from polyalign.analysis.lens import load_part
-    from polyalign.models import from_loaded, load_model
+    from polyalign.models import load_model
 
     _check(cfg)
     langs = languages.parse_langs(cfg.langs)
     eval_langs = languages.parse_langs(cfg.eval_langs or cfg.langs)
     if cfg.deactivate:
         _check_eval(cfg, eval_langs)
-    preloaded = None
-    if model is not None:
-        if cfg.adapter or cfg.compare_adapter:
-            raise PolyalignError("adapter= and compare_adapter= apply to a model name; wrap a loaded model "
-                                 "with peft.PeftModel.from_pretrained(model, adapter) instead")
-        preloaded = from_loaded(model, tokenizer)
-        cfg = replace(cfg, model=preloaded.name)
-        specs = [AnalysedModel("base" if preloaded.adapter is None else "adapter", preloaded.name, None)]
-    else:
-        specs = model_specs(cfg.model, cfg.adapter, cfg.compare_adapter)
+    cfg, specs, preloaded = models_to_analyse(cfg, model, tokenizer)
     texts = language_texts(langs, cfg.data, cfg.tasks)
     for lang in langs:
         if not any(t.strip() for t in texts[lang]):
