@@ -147,7 +147,14 @@ def _convert_gguf(target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.bfloat16
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Every weight is loaded just below: skip the random initialisation (6-15 s for the 262k x 640
+    # embedding and the rest on a 2-core CPU). Buffers that __init__ computes (rotary) are unaffected.
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:      # another transformers: initialise, then overwrite
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = clean.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
     if missing or unexpected:
