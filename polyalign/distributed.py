@@ -21,3 +21,11 @@ def launch_state(device: str = "auto"):
                                  f"process(es) ({state.distributed_type}); check the launcher and --device")
         return state.process_index, state.num_processes, state
     return 0, 1, None
+
+
+def deal_by_length(indices: list[int], lengths: list[int], world: int, rank: int) -> list[int]:
+    """This process's share of one step's sequences: all of them sorted by length (longest first, ties by
+    index) and dealt out in a snake order (0, 1, .., w-1, w-1, .., 0, ...), so that the processes get
+    similar token counts. Every process computes the same order, so the shares are disjoint and whole."""
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    return [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]

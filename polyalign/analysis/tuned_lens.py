@@ -188,12 +188,9 @@ def step_plan(sequences: list[list[int]], tokens_per_step: int, steps: int) -> l
 
 
 def my_share(indices: list[int], sequences: list[list[int]], world: int, rank: int) -> list[int]:
-    """This process's sequences of one step: sorted by length and dealt out in a snake order
-    (0, 1, .., w-1, w-1, .., 0, ...), as training/train.py's plan_step deals its examples, so that the
-    processes get similar token counts."""
-    order = sorted(indices, key=lambda i: (-len(sequences[i]), i))
-    return [i for k, i in enumerate(order)
-            if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+    """This process's sequences of one step, dealt out by length as training's steps are."""
+    from polyalign.distributed import deal_by_length
+    return deal_by_length(indices, {i: len(sequences[i]) for i in indices}, world, rank)
 
 
 def sum_over_processes(translators: Translators, kl: torch.Tensor, world: int) -> None:

@@ -401,11 +401,13 @@ def plan_step(indices: list[int], examples: list[Example], world: int, rank: int
     """This process's micro-batches for one optimizer step: (example indices, weight). The step's examples
     are sorted by length and dealt out in a snake order (similar token counts per process); every process
     runs exactly n_micro forwards (a missing one re-runs the step's shortest example with weight 0)."""
-    order = sorted(indices, key=lambda i: (-len(examples[i].ids), i))
-    mine = [i for k, i in enumerate(order) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+    from polyalign.distributed import deal_by_length
+    lengths = {i: len(examples[i].ids) for i in indices}
+    mine = deal_by_length(indices, lengths, world, rank)
+    shortest = min(indices, key=lambda i: (lengths[i], -i))
     batches = [(mine[j:j + micro], 1.0) for j in range(0, len(mine), micro)]
     while len(batches) < n_micro:
-        batches.append(([order[-1]], 0.0))
+        batches.append(([shortest], 0.0))
     return batches
 
 
