@@ -77,37 +77,62 @@ class GeometryConfig:
 
 
 # ============================================================================= hidden states
+class StatePooler:
+    """Pools the per-layer hidden states of prompts that ran after their demos' prefix cache into
+    one vector per prompt and layer. The one implementation of the poolings: collect_states' own
+    forwards use it, and so do the evaluator's when it shares them with a geometry step."""
+
+    def __init__(self, pooling: str):
+        if pooling not in POOLINGS:
+            raise PolyalignError(f"unknown pooling {pooling!r}; use {', '.join(POOLINGS)}")
+        self.pooling = pooling
+        # `mean` takes the demos in: the prefix forward must return their states (runner.prefix(hidden_states=True)).
+        self.prefix_states = pooling == "mean"
+        self._prefix_sums: dict[tuple, torch.Tensor] = {}
+
+    def pool(self, prefix, hidden, prompts, rows: list[int] | None = None) -> torch.Tensor:
+        """[B, L+1, H] float32 for `prompts` (all after `prefix`), whose suffixes sit in rows `rows`
+        (default 0..B-1) of the forward's per-layer `hidden` [R, Q, H]. Only a prompt's own suffix
+        positions are read: padding, and tokens a caller appended after the suffix, are not."""
+        dev = hidden[0].device
+        if rows is not None:
+            index = torch.tensor(rows, device=dev)
+            hidden = [h[index] for h in hidden]
+        c = len(prefix.ids)
+        lens = torch.tensor([len(p.suffix) for p in prompts], device=dev)
+        if self.pooling == "last":
+            at = torch.arange(len(prompts), device=dev)
+            return torch.stack([h[at, lens - 1].float() for h in hidden], 1)
+        width = hidden[0].shape[1]
+        start = torch.tensor([0 if self.pooling == "mean" else p.query_start - c for p in prompts], device=dev)
+        pos = torch.arange(width, device=dev)[None]
+        mask = ((pos >= start[:, None]) & (pos < lens[:, None])).float()
+        count = mask.sum(1)
+        sums = torch.stack([torch.einsum("bq,bqh->bh", mask, h.float()) for h in hidden], 1)  # [B, L+1, H]
+        if self.pooling == "mean" and c:
+            sums = sums + self._prefix_sum(prefix)[None]
+            count = count + c
+        return sums / count[:, None, None]
+
+    def _prefix_sum(self, prefix) -> torch.Tensor:
+        key = tuple(prefix.ids)
+        if key not in self._prefix_sums:
+            if prefix.hidden is None:
+                raise ValueError("mean pooling needs the prefix's hidden states: runner.prefix(ids, hidden_states=True)")
+            self._prefix_sums[key] = torch.stack([h[0, :len(prefix.ids)].float().sum(0) for h in prefix.hidden], 0)
+        return self._prefix_sums[key]
+
+
 @torch.inference_mode()
 def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     """Pooled hidden states [N, L+1, H] (float32) of the prompts, through the prefix cache."""
-    if pooling not in POOLINGS:
-        raise PolyalignError(f"unknown pooling {pooling!r}; use {', '.join(POOLINGS)}")
+    pooler = StatePooler(pooling)
     n = len(ps.prompts)
     out = None
-    prefix_sums: dict[int, torch.Tensor] = {}
     for group in batch_groups(runner, ps.prompts):
-        c = group[0].cached_len
-        prefix = runner.prefix(ps.prefix_ids[:c], hidden_states=pooling == "mean")
-        suffixes = [p.suffix for p in group]
-        _, hidden = runner.forward(prefix, suffixes, hidden_states=True)
-        dev = hidden[0].device
-        lens = torch.tensor([len(s) for s in suffixes], device=dev)
-        if pooling == "last":
-            rows = torch.arange(len(group), device=dev)
-            vecs = torch.stack([h[rows, lens - 1].float() for h in hidden], 1)
-        else:
-            width = hidden[0].shape[1]
-            start = torch.tensor([0 if pooling == "mean" else p.query_start - c for p in group], device=dev)
-            pos = torch.arange(width, device=dev)[None]
-            mask = ((pos >= start[:, None]) & (pos < lens[:, None])).float()
-            count = mask.sum(1)
-            sums = torch.stack([torch.einsum("bq,bqh->bh", mask, h.float()) for h in hidden], 1)  # [B, L+1, H]
-            if pooling == "mean" and c:
-                if c not in prefix_sums:
-                    prefix_sums[c] = torch.stack([h[0, :c].float().sum(0) for h in prefix.hidden], 0)
-                sums = sums + prefix_sums[c][None]
-                count = count + c
-            vecs = sums / count[:, None, None]
+        prefix = runner.prefix(ps.prefix_ids[:group[0].cached_len], hidden_states=pooler.prefix_states)
+        _, hidden = runner.forward(prefix, [p.suffix for p in group], hidden_states=True)
+        vecs = pooler.pool(prefix, hidden, group)
         if out is None:
             out = np.zeros((n, vecs.shape[1], vecs.shape[2]), dtype=np.float32)
         out[[p.index for p in group]] = vecs.cpu().numpy()
