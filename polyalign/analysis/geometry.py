@@ -141,6 +141,18 @@ def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     return out
 
 
+def parallel_items(task, langs: list[str], cfg: GeometryConfig) -> tuple[dict[str, list[dict]], list[str]]:
+    """({lang: items}, data issues) of the analysis: cfg.limit items of each language, cut to the
+    first n of each when the languages hold different numbers (they are parallel by index)."""
+    items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
+    n = min(len(items[lang]) for lang in langs)
+    if any(len(items[lang]) != n for lang in langs):
+        issues.append("languages hold " + ", ".join(f"{lang} {len(items[lang])}" for lang in langs)
+                      + f" items; using the first {n} of each (parallel by index)")
+        items = {lang: items[lang][:n] for lang in langs}
+    return items, issues
+
+
 def states_key(spec: AnalysedModel, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str],
                **extra) -> str:
     return cache_key(spec, cfg, task_hash, lang, texts, v=CACHE_VERSION, pooling=cfg.pooling, **extra)
@@ -335,12 +347,8 @@ def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> Geometry
     for lang in langs:
         task.demo_prefix(lang, cfg.labels)
     cfg, specs, preloaded = models_to_analyse(cfg, model, tokenizer)
-    items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
-    n = min(len(items[lang]) for lang in langs)
-    if any(len(items[lang]) != n for lang in langs):
-        issues.append("languages hold " + ", ".join(f"{lang} {len(items[lang])}" for lang in langs)
-                      + f" items; using the first {n} of each (parallel by index)")
-        items = {lang: items[lang][:n] for lang in langs}
+    items, issues = parallel_items(task, langs, cfg)
+    n = len(items[langs[0]])
     if n < 3:
         raise PolyalignError(f"geometry needs at least 3 parallel items per language; got {n}")
     for line in issues:
