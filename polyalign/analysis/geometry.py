@@ -192,6 +192,110 @@ def save_cached(path: Path, key: str, pooling: str, states: np.ndarray, items: l
     write_npz(path, arrays)
 
 
+# ============================================================================= states from the evaluator's forwards
+# The GeometryConfig options that a geometry step's states depend on: what `polyalign run` hands an
+# evaluation that scores the same prompts (EvalConfig.geometry_states), so that it pools them too.
+SHARED_OPTIONS = ("model", "task", "langs", "labels", "output", "data", "limit", "pooling", "states_dtype",
+                  "recompute", "dtype", "device", "max_length", "trust_file_labels")
+
+
+class SharedStates:
+    """An evaluation's forwards pooled for a geometry run over the same prompts, written into its
+    states cache exactly as run_geometry writes it (states_key, save_cached), which then runs no
+    forward for them. `wanted`: {"label": the geometry's label of the evaluated model, "geometry":
+    GeometryConfig options (SHARED_OPTIONS)}. Whatever does not match exactly is left to geometry:
+    another task or label mode, items the evaluation does not score or cuts, a killed and resumed
+    language (whose finished batches do not run again)."""
+
+    def __init__(self, wanted: dict, model: str, adapter: str | None, torch_dtype, max_length: int | None):
+        self.cfg = C.from_mapping(GeometryConfig, wanted.get("geometry") or {}, "eval.geometry_states",
+                                  keys=SHARED_OPTIONS)
+        self.spec = AnalysedModel(str(wanted.get("label") or "base"), self.cfg.model, adapter)
+        self.pooler = StatePooler(self.cfg.pooling)
+        self.problem = self._mismatch(model, torch_dtype, max_length)
+        self._items = None
+
+    def _mismatch(self, model, torch_dtype, max_length) -> str | None:
+        from polyalign.models import resolve_device, resolve_dtype
+        cfg = self.cfg
+        if cfg.output is None or cfg.recompute:
+            return "the geometry run keeps no states cache"
+        if cfg.model != model or cfg.max_length != max_length:
+            return "the geometry run's model or --max-length differ"
+        if str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))) != str(torch_dtype):
+            return "the geometry run's dtype differs"
+        return None
+
+    def _load(self):
+        """(task, {lang: items}) of the geometry run, loaded once; None where they cannot be."""
+        if self._items is None:
+            try:
+                task = load_task(self.cfg.task)
+                langs = languages.parse_langs(self.cfg.langs)
+                self._items = (task, parallel_items(task, langs, self.cfg)[0])
+            except PolyalignError as e:     # the geometry step reports it; the evaluation goes on
+                log.info("geometry states: not shared (%s)", e)
+                self._items = (None, {})
+        return self._items
+
+    def collector(self, task, mode: str, lang: str, group) -> "StatesCollector | None":
+        """What pools `group`'s forwards (an evaluator's scoring.Group) for the geometry run, or None."""
+        if self.problem is not None or mode != self.cfg.labels:
+            return None
+        geo_task, items = self._load()
+        if geo_task is None or lang not in items or geo_task.name != task.name or \
+                Path(geo_task.path).resolve() != Path(task.path).resolve():
+            return None
+        mine = items[lang]
+        scored = {p.item["id"]: p for p in group.items}
+        index = {}
+        for g, it in enumerate(mine):
+            p = scored.get(it.get("id"))
+            if p is None or p.truncated or p.item != it:   # another item, or not the prompt geometry runs
+                return None
+            index[p.index] = g
+        task_hash = content_hash(Path(geo_task.path).read_text("utf-8"))
+        key = states_key(self.spec, self.cfg, task_hash, lang, prompt_texts(geo_task, lang, self.cfg.labels, mine))
+        path = Path(self.cfg.output) / "states" / self.spec.label / f"{lang}.npz"
+        cached = load_cached(path, key, self.cfg.pooling)
+        if cached is not None and len(cached) == len(mine):
+            return None
+        return StatesCollector(self.pooler, path, key, mine, index, self.cfg.states_dtype)
+
+
+class StatesCollector:
+    """The pooled states of one language, filled batch by batch, saved once every item has them."""
+
+    def __init__(self, pooler: StatePooler, path: Path, key: str, items: list[dict], index: dict[int, int],
+                 dtype: str):
+        self.pooler, self.path, self.key, self.items, self.index, self.dtype = pooler, path, key, items, index, dtype
+        self.states: np.ndarray | None = None
+        self.filled: set[int] = set()
+
+    def wants(self, prompts) -> bool:
+        return any(p.index in self.index for p in prompts)
+
+    def add(self, prefix, hidden, prompts, rows: list[int]) -> None:
+        """Pool the wanted `prompts`, whose suffixes sit in `rows` of the forward's per-layer `hidden`."""
+        mine = [(p, r) for p, r in zip(prompts, rows) if p.index in self.index]
+        if not mine:
+            return
+        vecs = self.pooler.pool(prefix, hidden, [p for p, _ in mine], [r for _, r in mine]).cpu().numpy()
+        if self.states is None:
+            self.states = np.zeros((len(self.items), *vecs.shape[1:]), dtype=np.float32)
+        at = [self.index[p.index] for p, _ in mine]
+        self.states[at] = vecs
+        self.filled.update(at)
+
+    def save(self) -> bool:
+        """Write the states into the geometry cache if every item has them (else geometry computes them)."""
+        if len(self.filled) != len(self.items):
+            return False
+        save_cached(self.path, self.key, self.pooler.pooling, self.states, self.items, self.dtype)
+        log.info("geometry states: %s from this evaluation's forwards", self.path)
+        return True
+
+
 # ============================================================================= analysis
 def pca_scores(by_lang: dict[str, np.ndarray], n_components: int = 2, seed: int = 0):
     """One PCA fitted on all languages' vectors [N, H] stacked -> ({lang: scores [N, k]}, explained ratio)."""
