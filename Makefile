@@ -1,6 +1,6 @@
 # Two commands: `make demo` (the embedded demo) and `make test` (the tests).
 # Each creates or reuses .venv and installs exactly the versions in requirements-lock.txt (with uv),
-# and torch from TORCH_SPEC with pip. GPU users pick their torch build:
+# and torch from TORCH_SPEC (also with uv). GPU users pick their torch build:
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 # `make lock` refreshes the lock from pyproject.toml's ranges (see docs/architecture.md).
 SHELL := bash
@@ -21,8 +21,12 @@ $(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
 
+# uv installs torch too (~5 s against pip's ~30 s for the same wheel); it does not read pip's config, so
+# the wheel folders pip is told about (PIP_FIND_LINKS, else pip's find-links setting) are passed on.
+TORCH_FIND_LINKS ?= $(foreach d,$(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)),--find-links $(d))
+
 $(STAMP): pyproject.toml $(LOCK) | $(UV)
-	$(BIN)/python -m pip install -q $(TORCH_SPEC) -c $(LOCK)
+	$(UV) pip install -q --python $(BIN)/python $(TORCH_SPEC) $(TORCH_FIND_LINKS) -c $(LOCK)
 	$(UV) pip install -q --python $(BIN)/python --no-deps -r $(LOCK)
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)

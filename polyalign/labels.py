@@ -24,15 +24,25 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def decoded_vocab(tokenizer) -> dict[str, list[int]]:
-    """Surface string of every token (marker turned into a space) -> token ids. Cached per tokenizer."""
-    cached = getattr(tokenizer, "_polyalign_decoded_vocab", None)
-    if cached is not None:
+@dataclass
+class _VocabFacts:
+    """What the label rules read from a tokenizer's vocabulary, built once per tokenizer: `get_vocab()`
+    of a 262k-entry vocabulary takes ~0.4 s, and every label word of every language needs it."""
+    size: int
+    vocab: dict[str, int]
+    byte_level: bool
+    decoded: dict[str, list[int]]
+
+
+def _vocab_facts(tokenizer) -> _VocabFacts:
+    """Cached on the tokenizer (keyed by its length, so that added tokens rebuild it)."""
+    cached = getattr(tokenizer, "_polyalign_vocab_facts", None)
+    if cached is not None and cached.size == len(tokenizer):
         return cached
     vocab = tokenizer.get_vocab()
     byte_level = sum(1 for k in vocab if k.startswith("Ġ")) > 0.01 * len(vocab)
     dec = _byte_decoder()
-    out: dict[str, list[int]] = {}
+    decoded: dict[str, list[int]] = {}
     for tok, idx in vocab.items():
         if byte_level:
             try:
@@ -41,14 +51,20 @@ def decoded_vocab(tokenizer) -> dict[str, list[int]]:
                 continue
         else:
             s = tok.replace("▁", " ")
-        out.setdefault(s, []).append(idx)
-    tokenizer._polyalign_decoded_vocab = out
-    return out
+        decoded.setdefault(s, []).append(idx)
+    facts = _VocabFacts(len(tokenizer), vocab, byte_level, decoded)
+    tokenizer._polyalign_vocab_facts = facts
+    return facts
+
+
+def decoded_vocab(tokenizer) -> dict[str, list[int]]:
+    """Surface string of every token (marker turned into a space) -> token ids."""
+    return _vocab_facts(tokenizer).decoded
 
 
 def byte_fallback_id(tokenizer, char: str) -> int | None:
     b = char.encode("utf-8")[0]
-    vocab = tokenizer.get_vocab()
+    vocab = _vocab_facts(tokenizer).vocab
     for name in (f"<0x{b:02X}>", f"<0x{b:02x}>"):
         if name in vocab:
             return vocab[name]
@@ -61,10 +77,7 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
         return bytes([int(tok[3:5], 16)])
     dec = _byte_decoder()
-    if getattr(tokenizer, "_polyalign_byte_level", None) is None:
-        vocab = tokenizer.get_vocab()
-        tokenizer._polyalign_byte_level = sum(1 for k in vocab if k.startswith("Ġ")) > 0.01 * len(vocab)
-    if tokenizer._polyalign_byte_level and all(c in dec for c in tok):
+    if _vocab_facts(tokenizer).byte_level and all(c in dec for c in tok):
         return bytes(dec[c] for c in tok)
     return tok.replace("▁", " ").encode("utf-8")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import json
 import logging
@@ -22,6 +23,36 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Tokenizers loaded inside a `sharing_tokenizers()` block, by model path; None outside any block.
+_SHARED_TOKENIZERS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("polyalign_tokenizers",
+                                                                                 default=None)
+
+
+@contextlib.contextmanager
+def sharing_tokenizers():
+    """Within this block `load_model` parses each model's tokenizer once and hands the same object to
+    every later load of that model (`polyalign run` runs its steps inside one). Gemma's 262k-entry
+    tokenizer takes 2-5 s to parse on a 2-core CPU, and a run loads the model for every step. Safe to
+    share because polyalign never changes a tokenizer after loading it (load_model sets the pad token
+    once, the same way every time). The block's cache ends with it: nothing outlives the call."""
+    token = _SHARED_TOKENIZERS.set({} if _SHARED_TOKENIZERS.get() is None else _SHARED_TOKENIZERS.get())
+    try:
+        yield
+    finally:
+        _SHARED_TOKENIZERS.reset(token)
+
+
+def _load_tokenizer(path: str, offline: bool):
+    from transformers import AutoTokenizer
+    shared = _SHARED_TOKENIZERS.get()
+    if shared is not None and (path, offline) in shared:
+        return shared[path, offline]
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if shared is not None:
+        shared[path, offline] = tokenizer
+    return tokenizer
 
 
 def cache_dir() -> Path:
@@ -116,7 +147,14 @@ def _convert_gguf(target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.bfloat16
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Every weight is loaded just below: skip the random initialisation (6-15 s for the 262k x 640
+    # embedding and the rest on a 2-core CPU). Buffers that __init__ computes (rotary) are unaffected.
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:      # another transformers: initialise, then overwrite
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = clean.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
     if missing or unexpected:
@@ -193,7 +231,7 @@ def resolve_model_path(name: str) -> str:
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
                adapter: str | None = None, progress: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer; `adapter` adds a PEFT LoRA without merging it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from polyalign.hf import hub_reachable, progress_bars
 
@@ -207,7 +245,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     offline = path == name and not Path(name).exists() and not hub_reachable()
     try:
         with progress_bars(progress):
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+            tokenizer = _load_tokenizer(path, offline)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=offline)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -223,8 +261,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise PolyalignError(f"cannot load the adapter {adapter}: {first[:200]}") from None
     model.to(dev).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, name, dev, torch_dtype, time.time() - started, adapter)
 
 

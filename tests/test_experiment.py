@@ -463,8 +463,14 @@ def test_real_commands_end_to_end(tmp_path, tiny_llama_path, monkeypatch):
                 return None
             return super().__call__(cmd, cfg)
 
+    import transformers
+    parsed = []            # every step loads the model; the run parses its tokenizer once
+    parse = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path, *a, **k: (parsed.append(str(path)), parse(path, *a, **k))[1])
     fake = Fake()
     run = _run(exp, tmp_path / "run", fake, monkeypatch)
+    assert parsed.count(str(tiny_llama_path)) == 1, parsed
     manifest = json.loads((run / "manifest.json").read_text())
     evals = [s for s in manifest["steps"] if s["kind"] == "eval"]
     for s in evals:

@@ -44,6 +44,19 @@ def test_token_set_matches_brute_force(tiny_model_path, word):
     assert got, word
 
 
+def test_token_sets_follow_tokens_added_after_the_first_lookup(tiny_model_path):
+    """The vocabulary is read once per tokenizer and kept on it; adding tokens must not leave a stale set."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    before = set(paper_token_set(tok, "Widerspruch"))
+    # A word-start token, found through the vocabulary only (the text itself never tokenizes to it).
+    marker = "Ġ" if any(t.startswith("Ġ") for t in tok.get_vocab()) else "▁"
+    tok.add_tokens([marker + "Widersp"])
+    after = set(paper_token_set(tok, "Widerspruch"))
+    assert brute_force_set(tok, "Widerspruch") <= after
+    new_id = tok.convert_tokens_to_ids(marker + "Widersp")
+    assert new_id not in before and new_id in after
+
+
 def test_no_bare_word_start_marker(tiny_tokenizer):
     marker = [i for t, i in tiny_tokenizer.get_vocab().items() if t == "▁"]
     for w in WORDS:

@@ -300,7 +300,7 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
     from polyalign.analysis.neurons import MIN_SHARE, _load_tokenizer
     from polyalign.engine.model_parts import decoder_of, unwrap
     from polyalign.engine.runner import PrefixRunner
-    from polyalign.evaluation.evaluate import _dist   # the launch detection evaluate uses (torchrun, gloo on CPU)
+    from polyalign.distributed import launch_state   # the launch detection evaluate uses (torchrun, gloo on CPU)
     from polyalign.models import check_adapter, load_model
 
     _check(cfg)
@@ -325,7 +325,7 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
     settings["data_hash"] = content_hash(sequences)
     settings["version"] = LENS_VERSION
     fingerprint = content_hash(settings)
-    rank, world, state = _dist(cfg.device)
+    rank, world, state = launch_state(cfg.device)
     # Every process decides the same way (it reads the same folder) before any writes.
     done = claim_output(out, TUNED_LENS, json.loads(json.dumps(settings)))   # as lens.json holds them
     if state:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from polyalign import config as C
 from polyalign import hardware, languages
+from polyalign.distributed import launch_state
 from polyalign.config import option
 from polyalign.data import load_data
 from polyalign.evaluation import calibration, diagnostics
@@ -61,23 +61,6 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _dist(device: str = "auto"):
-    """(rank, world, state) — accelerate's state only when launched with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch
-        from accelerate import PartialState
-        # Without cpu=True accelerate ignores a CPU-only torchrun / accelerate launch and every process
-        # would believe it is the only one (each scoring everything into the same files).
-        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        state = PartialState(cpu=cpu)
-        if state.num_processes != world:
-            raise PolyalignError(f"launched with WORLD_SIZE={world} but accelerate set up {state.num_processes} "
-                                 f"process(es) ({state.distributed_type}); check the launcher and --device")
-        return state.process_index, state.num_processes, state
-    return 0, 1, None
-
-
 def versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
@@ -310,7 +293,7 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> EvalResult:
     label modes. With `cfg.output` None nothing is written and the samples stay in memory; with a
     folder, samples are appended batch by batch, results.json rewritten after every language, and
     a rerun resumes. Under several processes the returned result is rank 0's (None elsewhere)."""
-    rank, world, state = _dist(cfg.device)
+    rank, world, state = launch_state(cfg.device)
     tasks: list[Task] = parse_tasks(cfg.tasks)
     langs = languages.parse_langs(cfg.langs)
     modes = [m.strip() for m in cfg.labels.split(",") if m.strip()]

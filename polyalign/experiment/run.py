@@ -86,7 +86,15 @@ def _manifest(exp: Experiment, steps: list[Step], run: Path, status: dict[str, d
 def run_experiment(exp: Experiment, output: str | None = None, report: bool = True, dry_run: bool = False,
                    check_models: bool = True, out=None) -> Path:
     """Run (or resume) every step of `exp`; returns the run folder. Progress lines go to `out` (a
-    text stream) when given, else to logging (the CLI shows them on stdout; the library prints nothing)."""
+    text stream) when given, else to logging (the CLI shows them on stdout; the library prints nothing).
+    Every step loads its model; the tokenizer is parsed once for the whole run."""
+    from polyalign.models import sharing_tokenizers
+    with sharing_tokenizers():
+        return _run_experiment(exp, output, report, dry_run, check_models, out)
+
+
+def _run_experiment(exp: Experiment, output: str | None, report: bool, dry_run: bool, check_models: bool,
+                    out) -> Path:
 
     def say(message: str) -> None:
         if out is None:
