@@ -188,9 +188,11 @@ def _share_geometry_forwards(steps: list[Step]) -> None:
         g = geo.config
         compared = {d.key for d in geo.deps if d.kind == "train"}
         for ev in steps:
-            e = ev.config
-            if ev.kind != "eval" or ev.model != geo.model or not (not ev.deps or ev.deps[0].key in compared):
+            if ev.kind != "eval" or ev.model != geo.model:
                 continue
+            if ev.deps and ev.deps[0].key not in compared:      # an adapter this geometry does not analyse
+                continue
+            e = ev.config
             if (ev.task == geo.task and ev.inputs["task_file"] == geo.inputs["task_file"] and not g.recompute
                     and g.labels in e.labels.split(",") and e.dtype == g.dtype and e.max_length == g.max_length
                     and e.data == g.data and e.trust_file_labels == g.trust_file_labels
