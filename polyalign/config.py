@@ -10,9 +10,10 @@ From that one declaration come
   `key=value` settings. Unknown keys and bad values are one-line `PolyalignError`s that name the key
   (with its place in the file) and the nearest valid key.
 
-Types come from the annotations: `str`, `int`, `float`, `bool`, `X | None` and `list[str]`. A bool
-whose default is True becomes `--no-x`; a list is a comma list on the command line (or a repeated
-flag, with `repeatable=True`) and a list or a comma string in YAML.
+Types come from the annotations: `str`, `int`, `float`, `bool`, `X | None`, `list[str]` and `dict`.
+A bool whose default is True becomes `--no-x`; a list is a comma list on the command line (or a
+repeated flag, with `repeatable=True`) and a list or a comma string in YAML; a `dict` (a mapping,
+checked by whoever reads it) has no command line: it must be declared with cli=False.
 
 Why a small module of ours rather than simple_parsing, tyro or pydantic: those generate the parser
 well, but their errors for a mapping are multi-line reports (pydantic's ValidationError, tyro's rich
@@ -86,6 +87,8 @@ def _type_of(hint) -> tuple[type, bool, bool]:
         if len(rest) != 1:
             raise TypeError(f"unsupported option type {hint!r}")
         hint, args = rest[0], typing.get_args(rest[0])
+    if hint is dict or typing.get_origin(hint) is dict:
+        return dict, optional, False
     if typing.get_origin(hint) is list:
         if args not in ((str,), (int,), (float,)):
             raise TypeError(f"unsupported list type {hint!r}")
@@ -112,6 +115,8 @@ def _specs(cls) -> tuple[Spec, ...]:
         if meta is None:
             continue       # a plain field: set from Python only
         base, optional, is_list = _type_of(hints[f.name])
+        if base is dict and meta["cli"]:
+            raise TypeError(f"{cls.__name__}.{f.name}: a dict option has no command line; declare it with cli=False")
         out.append(Spec(f.name, base, optional, is_list, _default(f), **meta))
     return tuple(out)
 
@@ -288,7 +293,8 @@ def _check_choices(s: Spec, value, location: str) -> None:
 
 
 def _noun(s: Spec) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[s.base]
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+            dict: "a mapping"}[s.base]
 
 
 def _scalar(s: Spec, value, location: str):
@@ -301,6 +307,10 @@ def _scalar(s: Spec, value, location: str):
             return True
         if text in _FALSE:
             return False
+        raise bad
+    if s.base is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
         raise bad
     if isinstance(value, bool) or isinstance(value, (list, dict, tuple, set)):
         raise bad

@@ -376,8 +376,8 @@ def test_nan_score_never_becomes_a_prediction(tmp_path, tiny_llama_path, capsys,
 
     real = scoring.Scorer.score
 
-    def nan_on_r03(self, group, batch):
-        out = real(self, group, batch)
+    def nan_on_r03(self, group, batch, states=None):
+        out = real(self, group, batch, states)
         for i, res in zip(batch, out):
             if group.items[i].item["id"] == "r03":
                 res["scores"] = [float("nan")] * len(res["scores"])

@@ -23,6 +23,7 @@ class Toy:
     targets: list[str] = C.option(["q", "v"], help="a list")
     mode: str = C.option("a", choices=("a", "b", "long-name"), help="a choice")
     dirs: list[str] = C.option([], repeatable=True, help="repeatable")
+    routing: dict | None = C.option(None, cli=False, help="a mapping, from mappings only")
     plain: dict = dataclasses.field(default_factory=dict)      # not an option: Python only
 
 
@@ -56,6 +57,9 @@ def test_every_option_is_on_the_command_line_with_the_dataclass_default(name):
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
     dests = {a.dest: a for a in sub._actions}
     for s in C.specs(cls):
+        if not s.cli:       # read from mappings only (polyalign run sets it)
+            assert s.name not in dests, f"{name}: option {s.name} is cli=False but has an argument"
+            continue
         assert s.name in dests, f"{name}: option {s.name} has no argument"
         action = dests[s.name]
         if not s.positional:
@@ -91,7 +95,20 @@ def test_generated_flags_types_and_defaults():
                 "--targets", "q, k ,v", "--mode", "long-name", "--dirs", "a,b", "--dirs", "c")
     assert cfg == Toy("y", 7, 1e-3, 4, True, False, ["q", "k", "v"], "long-name", ["a,b", "c"])
     assert cfg.plain == {}
-    assert not any("plain" in a.dest for a in toy_parser()._actions)
+    assert not any(name in a.dest for a in toy_parser()._actions for name in ("plain", "routing"))
+
+
+def test_a_dict_option_comes_from_mappings_only():
+    assert C.from_mapping(Toy, {"routing": {"a": [1]}}).routing == {"a": [1]}
+    assert C.from_mapping(Toy, {"routing": None}).routing is None
+    with pytest.raises(C.BadValue, match=r"^toy\.routing: expected a mapping, got 'x'$"):
+        C.from_mapping(Toy, {"routing": "x"}, "toy")
+
+    @dataclass
+    class OnTheCommandLine:
+        routing: dict | None = C.option(None, help="cannot be a flag")
+    with pytest.raises(TypeError, match="cli=False"):
+        C.specs(OnTheCommandLine)
 
 
 @pytest.mark.parametrize("argv", [["--count", "x"], ["--mode", "c"], ["--no-fast"], ["--progress"]])
@@ -126,7 +143,7 @@ def test_mapping_values_are_converted_by_type():
 
 @pytest.mark.parametrize("mapping, message", [
     ({"cuont": 1}, "unknown key toy.cuont; did you mean 'count'?"),
-    ({"zzzzzz": 1}, "unknown key toy.zzzzzz; valid keys: count, dirs, fast, limit, mode, name, progress, rate, targets"),
+    ({"zzzzzz": 1}, "unknown key toy.zzzzzz; valid keys: count, dirs, fast, limit, mode, name, progress, rate, routing, targets"),
     ({"plain": {}}, "unknown key toy.plain"),
     ({"count": 2.5}, "toy.count: expected a whole number, got 2.5"),
     ({"count": "three"}, "toy.count: expected a whole number, got 'three'"),

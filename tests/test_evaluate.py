@@ -35,9 +35,9 @@ def count_scored(monkeypatch):
     calls = []
     real = Scorer.score
 
-    def counting(self, group, batch):
+    def counting(self, group, batch, states=None):
         calls.append((group.lang, group.mode, [group.items[i].item["id"] for i in batch]))
-        return real(self, group, batch)
+        return real(self, group, batch, states)
 
     monkeypatch.setattr(Scorer, "score", counting)
     return calls

@@ -6,10 +6,12 @@ train, lens or geometry to exist.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import sys
 from importlib.resources import files
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -552,3 +554,86 @@ def test_the_library_run_prints_nothing_it_logs(tmp_path, capsys, caplog):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert any("[9/9] geometry base vs zhde-en, sw-en" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- issue 15: eval forwards feed geometry
+def _feeds(raw) -> dict:
+    return {s.label: (s.feeds.label if s.feeds else None) for s in X.plan(validate(raw)) if s.kind == "eval"}
+
+
+def test_eval_steps_feed_the_geometry_step_that_scores_their_prompts():
+    geo = "geometry base vs zhde-en, sw-en"
+    assert _feeds(base_raw()) == {"eval base snli": geo, "eval zhde-en snli": geo, "eval sw-en snli": geo}
+
+    def with_geometry(**over):
+        raw = base_raw()
+        raw["analyses"]["geometry"].update(over)
+        return raw
+    assert set(_feeds(with_geometry(settings=["sw-en"])).values()) == {"geometry base vs sw-en", None}
+    assert _feeds(with_geometry(settings=["sw-en"]))["eval zhde-en snli"] is None     # not compared there
+    assert _feeds(with_geometry(langs=["en", "sw"]))["eval base snli"] == geo         # en is evaluated: shared
+    for other in (dict(options={"labels": "native"}), dict(limit=4), dict(langs=["sw", "ms"]),
+                  dict(task="amazon_polarity"), dict(options={"max_length": 64}), dict(options={"dtype": "fp32"}),
+                  dict(options={"recompute": True})):
+        assert set(_feeds(with_geometry(**other)).values()) == {None}, other
+    # Feeding changes no step key: an experiment without geometry keeps its eval folders.
+    without = base_raw()
+    del without["analyses"]["geometry"]
+    assert {k: v for k, v in keys(validate(base_raw())).items() if k.startswith("eval")} == \
+           {k: v for k, v in keys(validate(without)).items() if k.startswith("eval")}
+
+
+def test_a_real_run_computes_no_geometry_forward(tmp_path, tiny_llama_path, monkeypatch):
+    """Real evaluate and geometry steps: the geometry step finds every state cached by the eval steps,
+    loads no model and runs no forward, and its outputs are those of a geometry that computes them."""
+    import numpy as np
+
+    from polyalign.analysis import geometry
+    from polyalign.experiment.plan import step_config
+
+    raw = base_raw(model=tiny_llama_path, dtype="fp32", device="cpu",
+                   settings=[{"sources": ["zh", "de"], "task": "amazon_polarity", "per_language": 4}],
+                   eval={"tasks": ["snli"], "langs": ["en", "de", "zh"], "limit": 4, "calibration": "none"},
+                   analyses={"geometry": {"task": "snli", "langs": ["en", "zh"], "limit": 3}})
+    exp = validate(raw, check_data=True)
+
+    def no_forward(*a, **k):
+        raise AssertionError("the geometry step should have found every state cached")
+
+    class Fake(FakeCommands):
+        def __call__(self, cmd, cfg):
+            if cmd == "train":
+                self.calls.append((cmd, cfg))
+                return _tiny_adapter(tiny_llama_path, Path(cfg.output))
+            if cmd == "geometry":
+                self.calls.append((cmd, cfg))
+                with monkeypatch.context() as m:
+                    m.setattr(geometry, "collect_states", no_forward)
+                    m.setattr("polyalign.models.load_model", no_forward)
+                    return REAL_CALL(cmd, cfg)
+            if cmd == "evaluate":
+                self.calls.append((cmd, cfg))
+                return REAL_CALL(cmd, cfg)
+            return super().__call__(cmd, cfg)
+
+    run = _run(exp, tmp_path / "run", Fake(), monkeypatch, report=False)
+    geo_step = next(s for s in X.plan(exp) if s.kind == "geometry")
+    shared = geo_step.folder(run)
+    assert sorted(p.relative_to(shared / "states").as_posix() for p in (shared / "states").rglob("*.npz")) == \
+           ["base/en.npz", "base/zh.npz", "zhde-en/en.npz", "zhde-en/zh.npz"]
+    alone = geometry.run_geometry(replace(step_config(geo_step, run), output=str(tmp_path / "alone")))
+    together = json.loads((shared / "summary.json").read_text())
+    assert together["per_layer"].keys() == alone.summary["per_layer"].keys()
+    for name in ("pearson.csv", "alignment.csv", "mexa.csv"):
+        a, b = (list(csv.DictReader(open(folder / name, encoding="utf-8"))) for folder in (shared, tmp_path / "alone"))
+        assert len(a) == len(b) and len(a) > 0, name
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys()
+            for col in ra:
+                if col in ("model", "layer", "lang", "lang_a", "lang_b"):
+                    assert ra[col] == rb[col], (name, col)
+                else:   # mean pooling, fp32: the states agree to ~1e-6 (test_geometry), the statistics so
+                    np.testing.assert_allclose(float(ra[col]), float(rb[col]), atol=1e-4, err_msg=f"{name} {col}")
+    for f in ("base/en.npz", "zhde-en/zh.npz"):
+        with np.load(shared / "states" / f) as x, np.load(tmp_path / "alone" / "states" / f) as y:
+            np.testing.assert_allclose(x["mean"], y["mean"], rtol=1e-5, atol=1e-5)

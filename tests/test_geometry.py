@@ -172,3 +172,101 @@ def test_outputs_without_pivot(geo_task, tmp_path, capsys):
     assert not (tmp_path / "alignment.csv").exists()
     assert len(read_csv(tmp_path / "pearson.csv")) == 3
     assert (tmp_path / "pca_layer1.png").exists() and (tmp_path / "alignment.png").exists()
+
+
+# ----------------------------------------------------------------------------- issue 15: states from the evaluator
+def _shared(geo: GeometryConfig, label: str = "base") -> dict:
+    return {"label": label, "geometry": {k: getattr(geo, k) for k in geometry.SHARED_OPTIONS}}
+
+
+def _eval_cfg(model, task_path, data, out, **over):
+    from polyalign.evaluation.evaluate import EvalConfig
+    return EvalConfig(**{"model": model, "tasks": task_path, "langs": "en,zh", "labels": "english,native",
+                         "data": data, "output": None if out is None else str(out), "dtype": "fp32", "device": DEVICE, "batch_tokens": 48,
+                         "progress": False, **over})
+
+
+@pytest.mark.parametrize("pooling, rule", [("mean", "paper"), ("query-mean", "sequence"), ("last", "first-token")])
+def test_evaluation_pools_the_states_geometry_computes(tiny_model_path, geo_task, tmp_path, monkeypatch, pooling,
+                                                       rule):
+    """The states an evaluation writes for geometry equal collect_states' own forwards (other batches,
+    no label tokens after the prompt), run_geometry then runs no forward for them, and the evaluation's
+    scores are those of an evaluation that shares nothing."""
+    from polyalign.evaluation.evaluate import evaluate
+    task_path, data = geo_task
+    geo = GeometryConfig(model=tiny_model_path, task=task_path, langs="en,zh,sw", data=data, pooling=pooling,
+                         output=str(tmp_path / "geo"), dtype="fp32", device=DEVICE, progress=False)
+    shared = evaluate(_eval_cfg(tiny_model_path, task_path, data, tmp_path / "ev", scoring=rule,
+                                geometry_states=_shared(geo)))
+    plain = evaluate(_eval_cfg(tiny_model_path, task_path, data, None, scoring=rule))
+    assert [s["scores"] for s in shared.samples] == [s["scores"] for s in plain.samples]
+    states = tmp_path / "geo" / "states" / "base"
+    assert sorted(p.name for p in states.iterdir()) == ["en.npz", "zh.npz"]      # sw is not evaluated
+
+    lm = load_model(tiny_model_path, "fp32", DEVICE)
+    task = load_task(task_path)
+    runner = PrefixRunner(lm.model, lm.tokenizer)        # one batch per language: not the evaluation's batches
+    for lang in ("en", "zh"):
+        items = geometry.parallel_items(task, ["en", "zh", "sw"], geo)[0][lang]
+        ref = collect_states(runner, prepare_prompts(lm.tokenizer, task, lang, "english", items, 4096), pooling)
+        with np.load(states / f"{lang}.npz") as z:
+            got = z[pooling.replace("-", "_")]
+            assert list(z["ids"]) == [it["id"] for it in items]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+    # run_geometry computes only what the evaluation did not score (sw), and finds the same as alone.
+    computed = []
+    real = geometry.collect_states
+
+    def counted(runner, ps, pooling, bar=None):
+        computed.append(ps.lang)
+        return real(runner, ps, pooling, bar)
+    monkeypatch.setattr(geometry, "collect_states", counted)
+    together = run_geometry(geo)
+    assert computed == ["sw"]
+    computed.clear()
+    alone = run_geometry(GeometryConfig(**{**geo.__dict__, "output": str(tmp_path / "alone")}))
+    assert computed == ["en", "zh", "sw"]
+    for table in ("pearson", "alignment"):
+        a, b = getattr(together, table), getattr(alone, table)
+        assert [{k: v for k, v in r.items() if isinstance(v, str) or k == "layer"} for r in a] == \
+               [{k: v for k, v in r.items() if isinstance(v, str) or k == "layer"} for r in b]
+        np.testing.assert_allclose([[v for k, v in r.items() if isinstance(v, float)] for r in a],
+                                   [[v for k, v in r.items() if isinstance(v, float)] for r in b], atol=1e-4)
+
+
+def test_no_states_where_the_prompts_differ(tiny_llama_path, geo_task, tmp_path, monkeypatch):
+    """Another label mode, items the evaluation does not score, another dtype, a killed and resumed
+    language: nothing is written, and geometry computes those states itself."""
+    from polyalign.evaluation.evaluate import evaluate
+    task_path, data = geo_task
+    geo = GeometryConfig(model=tiny_llama_path, task=task_path, langs="en,zh", data=data, output=str(tmp_path / "geo"),
+                         dtype="fp32", device=DEVICE, progress=False)
+    cases = {"labels": (dict(labels="english"), dict(labels="native")),
+             "items": (dict(limit=4), dict()),                  # geometry wants all 6, the evaluation scores 4
+             "dtype": (dict(), dict(dtype="bf16"))}
+    for name, (ev_over, geo_over) in cases.items():
+        g = GeometryConfig(**{**geo.__dict__, **geo_over})
+        evaluate(_eval_cfg(tiny_llama_path, task_path, data, tmp_path / name, **ev_over,
+                           geometry_states=_shared(g)))
+        assert not (tmp_path / "geo" / "states").exists(), name
+
+    # Killed after the first batch of a language: the resumed evaluation skips that batch, so that
+    # language's states are incomplete and left to geometry; the next language is complete.
+    from polyalign.evaluation.scoring import Scorer
+    real_score = Scorer.score
+    calls = []
+
+    def killed(self, group, batch, states=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_score(self, group, batch, states)
+    monkeypatch.setattr(Scorer, "score", killed)
+    cfg = _eval_cfg(tiny_llama_path, task_path, data, tmp_path / "killed", labels="english",
+                    geometry_states=_shared(geo))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg)
+    monkeypatch.setattr(Scorer, "score", real_score)
+    evaluate(cfg)
+    assert sorted(p.name for p in (tmp_path / "geo" / "states" / "base").iterdir()) == ["zh.npz"]

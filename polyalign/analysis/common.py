@@ -28,17 +28,24 @@ class AnalysedModel:
 def model_specs(model: str, adapter: str | None = None, compare_adapter=None) -> list[AnalysedModel]:
     """`--model M [--adapter A] [--compare-adapter B ...]` -> [M(+A), M+B, ...]; labels are unique."""
     compare = [compare_adapter] if isinstance(compare_adapter, str) else list(compare_adapter or [])
-    specs, seen = [], set()
-    for a in [adapter, *compare]:
+    adapters = [adapter, *compare]
+    for a in adapters:
         if a is not None and not Path(a, "adapter_config.json").exists():
             raise PolyalignError(f"no PEFT adapter at {a!r} (adapter_config.json missing)")
+    return [AnalysedModel(label, model, a) for label, a in zip(model_labels(adapters), adapters)]
+
+
+def model_labels(adapters: list) -> list[str]:
+    """The label of each model (None: the base): "base", or the adapter folder's name; made unique."""
+    labels, seen = [], set()
+    for a in adapters:
         label = "base" if a is None else safe_name(Path(a).resolve().name, keep=r"\w.+-", fallback="adapter")
         base, k = label, 2
         while label in seen:
             label, k = f"{base}-{k}", k + 1
         seen.add(label)
-        specs.append(AnalysedModel(label, model, a))
-    return specs
+        labels.append(label)
+    return labels
 
 
 def _file_fingerprint(path: Path) -> list:

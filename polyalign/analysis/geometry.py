@@ -77,43 +77,80 @@ class GeometryConfig:
 
 
 # ============================================================================= hidden states
+class StatePooler:
+    """Pools the per-layer hidden states of prompts that ran after their demos' prefix cache into
+    one vector per prompt and layer. The one implementation of the poolings: collect_states' own
+    forwards use it, and so do the evaluator's when it shares them with a geometry step."""
+
+    def __init__(self, pooling: str):
+        if pooling not in POOLINGS:
+            raise PolyalignError(f"unknown pooling {pooling!r}; use {', '.join(POOLINGS)}")
+        self.pooling = pooling
+        # `mean` takes the demos in: the prefix forward must return their states (runner.prefix(hidden_states=True)).
+        self.prefix_states = pooling == "mean"
+        self._prefix_sums: dict[tuple, torch.Tensor] = {}
+
+    def pool(self, prefix, hidden, prompts, rows: list[int] | None = None) -> torch.Tensor:
+        """[B, L+1, H] float32 for `prompts` (all after `prefix`), whose suffixes sit in rows `rows`
+        (default 0..B-1) of the forward's per-layer `hidden` [R, Q, H]. Only a prompt's own suffix
+        positions are read: padding, and tokens a caller appended after the suffix, are not."""
+        dev = hidden[0].device
+        if rows is not None:
+            index = torch.tensor(rows, device=dev)
+            hidden = [h[index] for h in hidden]
+        c = len(prefix.ids)
+        lens = torch.tensor([len(p.suffix) for p in prompts], device=dev)
+        if self.pooling == "last":
+            at = torch.arange(len(prompts), device=dev)
+            return torch.stack([h[at, lens - 1].float() for h in hidden], 1)
+        width = hidden[0].shape[1]
+        start = torch.tensor([0 if self.pooling == "mean" else p.query_start - c for p in prompts], device=dev)
+        pos = torch.arange(width, device=dev)[None]
+        mask = ((pos >= start[:, None]) & (pos < lens[:, None])).float()
+        count = mask.sum(1)
+        sums = torch.stack([torch.einsum("bq,bqh->bh", mask, h.float()) for h in hidden], 1)  # [B, L+1, H]
+        if self.pooling == "mean" and c:
+            sums = sums + self._prefix_sum(prefix)[None]
+            count = count + c
+        return sums / count[:, None, None]
+
+    def _prefix_sum(self, prefix) -> torch.Tensor:
+        key = tuple(prefix.ids)
+        if key not in self._prefix_sums:
+            if prefix.hidden is None:
+                raise ValueError("mean pooling needs the prefix's hidden states: runner.prefix(ids, hidden_states=True)")
+            self._prefix_sums[key] = torch.stack([h[0, :len(prefix.ids)].float().sum(0) for h in prefix.hidden], 0)
+        return self._prefix_sums[key]
+
+
 @torch.inference_mode()
 def collect_states(runner, ps: PromptSet, pooling: str, bar=None) -> np.ndarray:
     """Pooled hidden states [N, L+1, H] (float32) of the prompts, through the prefix cache."""
-    if pooling not in POOLINGS:
-        raise PolyalignError(f"unknown pooling {pooling!r}; use {', '.join(POOLINGS)}")
+    pooler = StatePooler(pooling)
     n = len(ps.prompts)
     out = None
-    prefix_sums: dict[int, torch.Tensor] = {}
     for group in batch_groups(runner, ps.prompts):
-        c = group[0].cached_len
-        prefix = runner.prefix(ps.prefix_ids[:c], hidden_states=pooling == "mean")
-        suffixes = [p.suffix for p in group]
-        _, hidden = runner.forward(prefix, suffixes, hidden_states=True)
-        dev = hidden[0].device
-        lens = torch.tensor([len(s) for s in suffixes], device=dev)
-        if pooling == "last":
-            rows = torch.arange(len(group), device=dev)
-            vecs = torch.stack([h[rows, lens - 1].float() for h in hidden], 1)
-        else:
-            width = hidden[0].shape[1]
-            start = torch.tensor([0 if pooling == "mean" else p.query_start - c for p in group], device=dev)
-            pos = torch.arange(width, device=dev)[None]
-            mask = ((pos >= start[:, None]) & (pos < lens[:, None])).float()
-            count = mask.sum(1)
-            sums = torch.stack([torch.einsum("bq,bqh->bh", mask, h.float()) for h in hidden], 1)  # [B, L+1, H]
-            if pooling == "mean" and c:
-                if c not in prefix_sums:
-                    prefix_sums[c] = torch.stack([h[0, :c].float().sum(0) for h in prefix.hidden], 0)
-                sums = sums + prefix_sums[c][None]
-                count = count + c
-            vecs = sums / count[:, None, None]
+        prefix = runner.prefix(ps.prefix_ids[:group[0].cached_len], hidden_states=pooler.prefix_states)
+        _, hidden = runner.forward(prefix, [p.suffix for p in group], hidden_states=True)
+        vecs = pooler.pool(prefix, hidden, group)
         if out is None:
             out = np.zeros((n, vecs.shape[1], vecs.shape[2]), dtype=np.float32)
         out[[p.index for p in group]] = vecs.cpu().numpy()
         if bar is not None:
             bar.update(len(group))
     return out
+
+
+def parallel_items(task, langs: list[str], cfg: GeometryConfig) -> tuple[dict[str, list[dict]], list[str]]:
+    """({lang: items}, data issues) of the analysis: cfg.limit items of each language, cut to the
+    first n of each when the languages hold different numbers (they are parallel by index)."""
+    items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
+    n = min(len(items[lang]) for lang in langs)
+    if any(len(items[lang]) != n for lang in langs):
+        issues.append("languages hold " + ", ".join(f"{lang} {len(items[lang])}" for lang in langs)
+                      + f" items; using the first {n} of each (parallel by index)")
+        items = {lang: items[lang][:n] for lang in langs}
+    return items, issues
 
 
 def states_key(spec: AnalysedModel, cfg: GeometryConfig, task_hash: str, lang: str, texts: list[str],
@@ -153,6 +190,110 @@ def save_cached(path: Path, key: str, pooling: str, states: np.ndarray, items: l
     arrays["ids"] = np.array([str(it.get("id", i)) for i, it in enumerate(items)])
     arrays["gold"] = np.array([it["label"] for it in items])
     write_npz(path, arrays)
+
+
+# ============================================================================= states from the evaluator's forwards
+# The GeometryConfig options that a geometry step's states depend on: what `polyalign run` hands an
+# evaluation that scores the same prompts (EvalConfig.geometry_states), so that it pools them too.
+SHARED_OPTIONS = ("model", "task", "langs", "labels", "output", "data", "limit", "pooling", "states_dtype",
+                  "recompute", "dtype", "device", "max_length", "trust_file_labels")
+
+
+class SharedStates:
+    """An evaluation's forwards pooled for a geometry run over the same prompts, written into its
+    states cache exactly as run_geometry writes it (states_key, save_cached), which then runs no
+    forward for them. `wanted`: {"label": the geometry's label of the evaluated model, "geometry":
+    GeometryConfig options (SHARED_OPTIONS)}. Whatever does not match exactly is left to geometry:
+    another task or label mode, items the evaluation does not score or cuts, a killed and resumed
+    language (whose finished batches do not run again)."""
+
+    def __init__(self, wanted: dict, model: str, adapter: str | None, torch_dtype, max_length: int | None):
+        self.cfg = C.from_mapping(GeometryConfig, wanted.get("geometry") or {}, "eval.geometry_states",
+                                  keys=SHARED_OPTIONS)
+        self.spec = AnalysedModel(str(wanted.get("label") or "base"), self.cfg.model, adapter)
+        self.pooler = StatePooler(self.cfg.pooling)
+        self.problem = self._mismatch(model, torch_dtype, max_length)
+        self._items = None
+
+    def _mismatch(self, model, torch_dtype, max_length) -> str | None:
+        from polyalign.models import resolve_device, resolve_dtype
+        cfg = self.cfg
+        if cfg.output is None or cfg.recompute:
+            return "the geometry run keeps no states cache"
+        if cfg.model != model or cfg.max_length != max_length:
+            return "the geometry run's model or --max-length differ"
+        if str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))) != str(torch_dtype):
+            return "the geometry run's dtype differs"
+        return None
+
+    def _load(self):
+        """(task, {lang: items}) of the geometry run, loaded once; None where they cannot be."""
+        if self._items is None:
+            try:
+                task = load_task(self.cfg.task)
+                langs = languages.parse_langs(self.cfg.langs)
+                self._items = (task, parallel_items(task, langs, self.cfg)[0])
+            except PolyalignError as e:     # the geometry step reports it; the evaluation goes on
+                log.info("geometry states: not shared (%s)", e)
+                self._items = (None, {})
+        return self._items
+
+    def collector(self, task, mode: str, lang: str, group) -> "StatesCollector | None":
+        """What pools `group`'s forwards (an evaluator's scoring.Group) for the geometry run, or None."""
+        if self.problem is not None or mode != self.cfg.labels:
+            return None
+        geo_task, items = self._load()
+        if geo_task is None or lang not in items or geo_task.name != task.name or \
+                Path(geo_task.path).resolve() != Path(task.path).resolve():
+            return None
+        mine = items[lang]
+        scored = {p.item["id"]: p for p in group.items}
+        index = {}
+        for g, it in enumerate(mine):
+            p = scored.get(it.get("id"))
+            if p is None or p.truncated or p.item != it:   # another item, or not the prompt geometry runs
+                return None
+            index[p.index] = g
+        task_hash = content_hash(Path(geo_task.path).read_text("utf-8"))
+        key = states_key(self.spec, self.cfg, task_hash, lang, prompt_texts(geo_task, lang, self.cfg.labels, mine))
+        path = Path(self.cfg.output) / "states" / self.spec.label / f"{lang}.npz"
+        cached = load_cached(path, key, self.cfg.pooling)
+        if cached is not None and len(cached) == len(mine):
+            return None
+        return StatesCollector(self.pooler, path, key, mine, index, self.cfg.states_dtype)
+
+
+class StatesCollector:
+    """The pooled states of one language, filled batch by batch, saved once every item has them."""
+
+    def __init__(self, pooler: StatePooler, path: Path, key: str, items: list[dict], index: dict[int, int],
+                 dtype: str):
+        self.pooler, self.path, self.key, self.items, self.index, self.dtype = pooler, path, key, items, index, dtype
+        self.states: np.ndarray | None = None
+        self.filled: set[int] = set()
+
+    def wants(self, prompts) -> bool:
+        return any(p.index in self.index for p in prompts)
+
+    def add(self, prefix, hidden, prompts, rows: list[int]) -> None:
+        """Pool the wanted `prompts`, whose suffixes sit in `rows` of the forward's per-layer `hidden`."""
+        mine = [(p, r) for p, r in zip(prompts, rows) if p.index in self.index]
+        if not mine:
+            return
+        vecs = self.pooler.pool(prefix, hidden, [p for p, _ in mine], [r for _, r in mine]).cpu().numpy()
+        if self.states is None:
+            self.states = np.zeros((len(self.items), *vecs.shape[1:]), dtype=np.float32)
+        at = [self.index[p.index] for p, _ in mine]
+        self.states[at] = vecs
+        self.filled.update(at)
+
+    def save(self) -> bool:
+        """Write the states into the geometry cache if every item has them (else geometry computes them)."""
+        if len(self.filled) != len(self.items):
+            return False
+        save_cached(self.path, self.key, self.pooler.pooling, self.states, self.items, self.dtype)
+        log.info("geometry states: %s from this evaluation's forwards", self.path)
+        return True
 
 
 # ============================================================================= analysis
@@ -310,12 +451,8 @@ def run_geometry(cfg: GeometryConfig, *, model=None, tokenizer=None) -> Geometry
     for lang in langs:
         task.demo_prefix(lang, cfg.labels)
     cfg, specs, preloaded = models_to_analyse(cfg, model, tokenizer)
-    items, issues = load_items(task, langs, cfg.data, cfg.limit, cfg.trust_file_labels)
-    n = min(len(items[lang]) for lang in langs)
-    if any(len(items[lang]) != n for lang in langs):
-        issues.append("languages hold " + ", ".join(f"{lang} {len(items[lang])}" for lang in langs)
-                      + f" items; using the first {n} of each (parallel by index)")
-        items = {lang: items[lang][:n] for lang in langs}
+    items, issues = parallel_items(task, langs, cfg)
+    n = len(items[langs[0]])
     if n < 3:
         raise PolyalignError(f"geometry needs at least 3 parallel items per language; got {n}")
     for line in issues:

@@ -52,6 +52,10 @@ class EvalConfig:
     calibration: str = option("none", choices=calibration.CALIBRATIONS,
                               help="also score content-free and answer-cue prompts and store calibrated scores "
                                    "(any method but none stores all methods: they share one forward)")
+    geometry_states: dict | None = option(None, cli=False,
+                                          help="also pool this evaluation's forwards into a geometry run's states "
+                                               "cache where it scores the same prompts: {label, geometry: its "
+                                               "options} (polyalign run sets it; see analysis.geometry.SharedStates)")
     progress: bool = C.progress_option()
     extra: dict = field(default_factory=dict)
 
@@ -311,7 +315,9 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> EvalResult:
             raise PolyalignError("adapter= applies to a model name; wrap a loaded model with "
                                  "peft.PeftModel.from_pretrained(model, adapter) instead")
         lm = from_loaded(model, tokenizer)
-        cfg = replace(cfg, model=lm.name)
+        if cfg.geometry_states is not None:   # geometry keys a loaded model's states by its weights: not shared
+            log.info("geometry states: not shared from a loaded model")
+        cfg = replace(cfg, model=lm.name, geometry_states=None)
         device = str(lm.device)
     else:
         lm = None
@@ -392,6 +398,15 @@ def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, ran
         state.wait_for_everyone()
     machine = {**hardware.describe(lm.device), **scorer.runner.fast_paths()}
     planned = {(t.name, m, lang) for t in tasks for m in modes for lang in langs}
+    shared = None
+    if cfg.geometry_states is not None:
+        if world > 1:   # each process runs a share of the batches: no language would be complete anywhere
+            log.info("geometry states: not shared under several processes")
+        else:
+            from polyalign.analysis.geometry import SharedStates
+            shared = SharedStates(cfg.geometry_states, cfg.model, cfg.adapter, lm.dtype, cfg.max_length)
+            if shared.problem:
+                log.info("geometry states: not shared (%s)", shared.problem)
     others = _other_rows(output, planned, cfg.scoring) if rank == 0 and output is not None else []
 
     from tqdm.auto import tqdm
@@ -416,6 +431,7 @@ def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, ran
             words = group.plan.words
             refs = (calibration.load_or_compute(scorer, group, output, write=rank == 0)
                     if cfg.calibration != "none" else None)
+            collector = shared.collector(task, mode, lang, group) if shared is not None else None
             for b_index, batch in enumerate(scorer.batches(group)):
                 if b_index % world != rank:
                     continue
@@ -423,7 +439,7 @@ def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, ran
                 if not todo:
                     continue
                 # The whole batch is recomputed so that its numbers are identical to an uninterrupted run.
-                results = scorer.score(group, batch)
+                results = scorer.score(group, batch, collector)
                 records = []
                 for i, res in zip(batch, results):
                     p = group.items[i]
@@ -447,6 +463,8 @@ def _score(cfg, lm, tasks, modes, langs, datasets, issues, settings, output, ran
                 store.append(task.name, mode, lang, records)
                 scored_items += len(records)
                 bar.update(len(records) * world)
+            if collector is not None:
+                collector.save()
             scoring_seconds += time.perf_counter() - started
         if state:
             state.wait_for_everyone()
@@ -535,7 +553,7 @@ def _write_results(output, cfg, lm, machine, rows, issues, overlaps, seconds, it
         "averages": averages(rows),
         "model": {"name": cfg.model, "adapter": lm.adapter, "dtype": str(lm.dtype).replace("torch.", ""),
                   "device": str(lm.device)},
-        "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "extra")},
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "extra", "geometry_states")},
         "versions": versions(),
         "machine": machine,          # CPU capability and fast paths: why two machines' digits may differ
         "git": git_hash(),

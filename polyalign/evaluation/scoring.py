@@ -66,19 +66,28 @@ class Scorer:
         return self.runner.batches(lengths)
 
     @torch.inference_mode()
-    def score(self, group: Group, batch: list[int]) -> list[dict]:
-        """Scores for the items at `batch` indices: [{"scores": [...], "scores_per_byte"?: [...]}]."""
+    def score(self, group: Group, batch: list[int], states=None) -> list[dict]:
+        """Scores for the items at `batch` indices: [{"scores": [...], "scores_per_byte"?: [...]}].
+        `states` (a geometry.StatesCollector): also pool the hidden states of the items it wants from
+        these forwards. Causal attention keeps an item's suffix positions unchanged by the label
+        tokens appended after them, so they are the states of the prompt alone."""
         plan, out = group.plan, []
         results: dict[int, dict] = {}
         for part in by_cache(group.items, batch):
             idx = [p.index for p in part]
-            prefix = self.runner.prefix(group.prefix_ids[:part[0].cached_len])
+            pool = states is not None and states.wants(part)
+            # The demos' states come from the prefix forward (the KV cache is the same either way):
+            # asked for in every batch of a pooled group, so that the group's prefix runs once.
+            prefix = self.runner.prefix(group.prefix_ids[:part[0].cached_len],
+                                        hidden_states=states is not None and states.pooler.prefix_states)
             rows, spans = [], []
             for p in part:
                 r = self.rows(group, p)
                 spans.append((len(rows), len(r)))
                 rows.extend(r)
-            hidden, _ = self.runner.forward(prefix, rows)
+            hidden, layers = self.runner.forward(prefix, rows, hidden_states=pool)
+            if pool:
+                states.add(prefix, layers, part, [start for start, _ in spans])
             if self.rule == "sequence":
                 per_row = self._sequence(group, idx, rows, hidden)
                 nbytes = [len(w.encode("utf-8")) for w in plan.words]

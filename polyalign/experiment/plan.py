@@ -34,6 +34,7 @@ class Step:
     task: str | None = None
     folder_inputs: dict | None = None   # the inputs that name the folder (default: all of them)
     config: object | None = None    # the command's config; step_config() adds the paths in the run folder
+    feeds: "Step | None" = None     # eval: the geometry step whose states its forwards also pool (not in its key)
     key: str = ""
     folder_key: str = ""
 
@@ -171,7 +172,33 @@ def plan(exp: Experiment) -> list[Step]:
     if exp.neurons is not None:
         for m in exp.models:
             add(_neurons_step(exp, exp.neurons, m, [trains[(m.label, sname)] for sname in exp.neurons["settings"]]))
+    _share_geometry_forwards(steps)
     return steps
+
+
+def _share_geometry_forwards(steps: list[Step]) -> None:
+    """Let each eval step that scores the prompts of a later geometry step (same model and adapter,
+    task, label mode, dtype, context cap, data, and the geometry's items among the evaluated ones,
+    in at least one common language) pool the hidden states of its own forwards for it, so that
+    the geometry step runs none for them. It changes no step key: the evaluation's results are the
+    same either way, and a changed geometry must not score again (it then computes its own states).
+    The evaluator checks the items and prompts themselves, and geometry the cache key, so a
+    mismatch here costs forwards, never correctness."""
+    for geo in (st for st in steps if st.kind == "geometry"):
+        g = geo.config
+        compared = {d.key for d in geo.deps if d.kind == "train"}
+        for ev in steps:
+            if ev.kind != "eval" or ev.model != geo.model:
+                continue
+            if ev.deps and ev.deps[0].key not in compared:      # an adapter this geometry does not analyse
+                continue
+            e = ev.config
+            if (ev.task == geo.task and ev.inputs["task_file"] == geo.inputs["task_file"] and not g.recompute
+                    and g.labels in e.labels.split(",") and e.dtype == g.dtype and e.max_length == g.max_length
+                    and e.data == g.data and e.trust_file_labels == g.trust_file_labels
+                    and (e.limit is None or (g.limit is not None and e.limit >= g.limit))
+                    and set(languages.parse_langs(g.langs)) & set(languages.parse_langs(e.langs))):
+                ev.feeds = geo
 
 
 def _eval_step(exp: Experiment, m: ModelEntry, task: str, train: Step | None, sname: str | None) -> Step:
@@ -318,6 +345,8 @@ def step_config(st: Step, run: Path):
     cfg = replace(st.config, output=str(st.folder(run)))
     if st.kind == "eval" and st.deps:
         cfg = replace(cfg, adapter=str(adapter_dir(st.deps[0].folder(run))))
+    if st.kind == "eval" and st.feeds is not None:
+        cfg = replace(cfg, geometry_states=_geometry_states(st, st.feeds, run))
     elif st.kind == "train":
         cfg = replace(cfg, data=str(st.deps[0].folder(run)))
     elif st.kind in ("lens", "geometry", "neurons", "tuned_lens"):
@@ -327,6 +356,19 @@ def step_config(st: Step, run: Path):
         if st.kind == "tuned_lens":
             cfg = replace(cfg, tuned_lens=str(next(d for d in st.deps if d.kind == "tune_lens").folder(run)))
     return cfg
+
+
+def _geometry_states(ev: Step, geo: Step, run: Path) -> dict:
+    """EvalConfig.geometry_states of an eval step feeding `geo`: the geometry step's options with its
+    folder, and the label the geometry step gives the evaluated model (as model_specs labels it)."""
+    from polyalign.analysis.common import model_labels
+    from polyalign.analysis.geometry import SHARED_OPTIONS
+
+    trains = [d for d in geo.deps if d.kind == "train"]
+    labels = model_labels([None, *(str(geo.folder(run) / "adapters" / d.setting) for d in trains)])
+    label = labels[0] if not ev.deps else labels[1 + [d.key for d in trains].index(ev.deps[0].key)]
+    cfg = replace(geo.config, output=str(geo.folder(run)))
+    return {"label": label, "geometry": {k: getattr(cfg, k) for k in SHARED_OPTIONS}}
 
 
 def _named_adapter(step_folder: Path, train_folder: Path, name: str) -> Path:

@@ -76,7 +76,7 @@ MODEL_DEFAULTS: dict = {"name": None, "label": None, "dtype": None, "train": {}}
 
 # Options of a step's command that the runner sets itself (from the models, the run folder and the
 # steps a step depends on); every other option of the command is a key of its section.
-EVAL_RUNNER_SET = ("model", "adapter", "output", "dtype", "device", "progress")
+EVAL_RUNNER_SET = ("model", "adapter", "output", "dtype", "device", "progress", "geometry_states")
 EVAL_LIST_KEYS = ("tasks", "langs", "labels")       # lists in the file, comma strings in EvalConfig
 PREPARE_RUNNER_SET = ("output", "progress")
 ANALYSIS_RUNNER_SET = ("model", "adapter", "compare_adapter", "output", "progress")
