@@ -228,12 +228,28 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _offline(path: str, name: str) -> bool:
+    """A hub id without a network: the local cache only, at once (not a minute of retries)."""
+    from polyalign.hf import hub_reachable
+    return path == name and not Path(name).exists() and not hub_reachable()
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of a model name or folder, without the model (shared inside `sharing_tokenizers()`)."""
+    path = resolve_model_path(name)
+    try:
+        return _load_tokenizer(path, _offline(path, name))
+    except (OSError, ValueError) as e:
+        raise PolyalignError(f"cannot load the tokenizer of {name!r}: "
+                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
                adapter: str | None = None, progress: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer; `adapter` adds a PEFT LoRA without merging it."""
     from transformers import AutoModelForCausalLM
 
-    from polyalign.hf import hub_reachable, progress_bars
+    from polyalign.hf import progress_bars
 
     started = time.time()
     dev = resolve_device(device)
@@ -242,7 +258,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
         check_adapter(adapter)
     path = resolve_model_path(name)
     # A hub id without a network: the local cache only, at once (not a minute of retries).
-    offline = path == name and not Path(name).exists() and not hub_reachable()
+    offline = _offline(path, name)
     try:
         with progress_bars(progress):
             tokenizer = _load_tokenizer(path, offline)

@@ -61,7 +61,7 @@ def test_waiting_for_another_conversion_is_said(tmp_path, monkeypatch, caplog):
 
 
 def test_a_run_shares_one_tokenizer_and_nothing_outlives_the_block(tiny_llama_path):
-    from polyalign.models import load_model, sharing_tokenizers
+    from polyalign.models import load_model, load_tokenizer, sharing_tokenizers
     apart = [load_model(tiny_llama_path, "fp32", "cpu", progress=False).tokenizer for _ in range(2)]
     assert apart[0] is not apart[1]
     with sharing_tokenizers():
@@ -69,6 +69,7 @@ def test_a_run_shares_one_tokenizer_and_nothing_outlives_the_block(tiny_llama_pa
         with sharing_tokenizers():          # a nested block keeps the outer one's tokenizers
             b = load_model(tiny_llama_path, "fp32", "cpu", progress=False)
         assert a.tokenizer is b.tokenizer and a.model is not b.model
+        assert load_tokenizer(tiny_llama_path) is a.tokenizer     # neurons and tune-lens load it alone
         assert a.tokenizer("a b c").input_ids == apart[0]("a b c").input_ids
         assert a.tokenizer.pad_token_id is not None
     assert load_model(tiny_llama_path, "fp32", "cpu", progress=False).tokenizer is not a.tokenizer

@@ -210,17 +210,6 @@ def seen_languages(cfg: NeuronsConfig, adapter: str | None) -> list[str] | None:
     return [c for c in languages.ALL if c in found] or None
 
 
-def _load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    from polyalign.models import resolve_model_path
-    try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name))
-    except (OSError, ValueError) as e:
-        raise PolyalignError(f"cannot load the tokenizer of {name!r}: "
-                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
-
-
 def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsResult:
     """Language-specific neurons of cfg.model (with cfg.adapter), and of it with each of
     cfg.compare_adapter, compared with the first; or of the loaded `model` with its `tokenizer`.
@@ -232,7 +221,7 @@ def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsRes
     from polyalign.analysis.activations import count_activations, language_texts, shared_prefix, token_sequences
     from polyalign.analysis.common import cache_key, release_memory
     from polyalign.analysis.lens import load_part
-    from polyalign.models import load_model
+    from polyalign.models import load_model, load_tokenizer
 
     _check(cfg)
     langs = languages.parse_langs(cfg.langs)
@@ -244,7 +233,7 @@ def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsRes
     for lang in langs:
         if not any(t.strip() for t in texts[lang]):
             raise PolyalignError(f"neurons: no text in language {lang!r} ({cfg.data or 'bundled sets'})")
-    tok = preloaded.tokenizer if preloaded is not None else _load_tokenizer(cfg.model)
+    tok = preloaded.tokenizer if preloaded is not None else load_tokenizer(cfg.model)
     prefix = shared_prefix(tok)
     sequences = {lang: token_sequences(tok, texts[lang], cfg.tokens_per_language, cfg.max_sequence_tokens)
                  for lang in langs}

@@ -294,7 +294,8 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
 
     from polyalign.analysis.activations import language_texts, shared_prefix, token_sequences
     from polyalign.analysis.common import AnalysedModel, model_fingerprint
-    from polyalign.analysis.neurons import MIN_SHARE, _load_tokenizer
+    from polyalign.analysis.neurons import MIN_SHARE
+    from polyalign.models import load_tokenizer
     from polyalign.engine.model_parts import decoder_of, unwrap
     from polyalign.engine.runner import PrefixRunner
     from polyalign.distributed import launch_state   # the launch detection evaluate uses (torchrun, gloo on CPU)
@@ -305,7 +306,7 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
     if cfg.adapter:
         check_adapter(cfg.adapter)
     texts = language_texts(langs, cfg.data, cfg.tasks)
-    tok = _load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     per_lang = {lang: token_sequences(tok, texts[lang], cfg.tokens_per_language, cfg.max_sequence_tokens)
                 for lang in langs}
     for lang in langs:
