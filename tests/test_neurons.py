@@ -366,3 +366,16 @@ def test_in_memory_equals_the_folder_run(tiny_llama_path, tmp_path, one_thread, 
     assert not model.training                    # put back as it was given (eval after from_pretrained)
     with pytest.raises(pa.PolyalignError, match="apply to a model name"):
         pa.neurons(model, AutoTokenizer.from_pretrained(tiny_llama_path), adapter=str(tmp_path), **opts)
+
+
+def test_too_little_text_is_one_line_naming_the_command(tiny_tokenizer):
+    from polyalign.analysis.activations import token_sequences
+    from polyalign.analysis.neurons import language_sequences
+    from polyalign.errors import PolyalignError
+    texts = {"en": ["one two three four five six seven eight"] * 3, "de": ["eins zwei"]}
+    budget = sum(map(len, token_sequences(tiny_tokenizer, texts["en"], 10**6, 512)))
+    got = language_sequences(tiny_tokenizer, texts, ["en"], budget, 512, "neurons")
+    assert got == {"en": token_sequences(tiny_tokenizer, texts["en"], budget, 512)}
+    with pytest.raises(PolyalignError, match=r"^tune-lens: language 'de' has only \d+ tokens of text, under 10% of "
+                                             rf"--tokens-per-language {budget * 5}; more$"):
+        language_sequences(tiny_tokenizer, texts, ["en", "de"], budget * 5, 512, "tune-lens", hint="; more")

@@ -210,6 +210,20 @@ def seen_languages(cfg: NeuronsConfig, adapter: str | None) -> list[str] | None:
     return [c for c in languages.ALL if c in found] or None
 
 
+def language_sequences(tokenizer, texts: dict[str, list[str]], langs: list[str], budget: int, max_len: int,
+                       command: str, hint: str = "") -> dict[str, list[list[int]]]:
+    """Each language's token sequences within `budget` (activations.token_sequences); a language whose text
+    fills less than MIN_SHARE of the budget is one line naming `command` (neurons and tune-lens)."""
+    from polyalign.analysis.activations import token_sequences
+    sequences = {lang: token_sequences(tokenizer, texts[lang], budget, max_len) for lang in langs}
+    for lang in langs:
+        n = sum(map(len, sequences[lang]))
+        if n < MIN_SHARE * budget:
+            raise PolyalignError(f"{command}: language {lang!r} has only {n} tokens of text, under "
+                                 f"{MIN_SHARE:.0%} of --tokens-per-language {budget}{hint}")
+    return sequences
+
+
 def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsResult:
     """Language-specific neurons of cfg.model (with cfg.adapter), and of it with each of
     cfg.compare_adapter, compared with the first; or of the loaded `model` with its `tokenizer`.
@@ -218,7 +232,7 @@ def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsRes
     resume from, no figures; deactivation runs are evaluated in memory)."""
     from tqdm.auto import tqdm
 
-    from polyalign.analysis.activations import count_activations, language_texts, shared_prefix, token_sequences
+    from polyalign.analysis.activations import count_activations, language_texts, shared_prefix
     from polyalign.analysis.common import cache_key, release_memory
     from polyalign.analysis.lens import load_part
     from polyalign.models import load_model, load_tokenizer
@@ -235,14 +249,8 @@ def run_neurons(cfg: NeuronsConfig, *, model=None, tokenizer=None) -> NeuronsRes
             raise PolyalignError(f"neurons: no text in language {lang!r} ({cfg.data or 'bundled sets'})")
     tok = preloaded.tokenizer if preloaded is not None else load_tokenizer(cfg.model)
     prefix = shared_prefix(tok)
-    sequences = {lang: token_sequences(tok, texts[lang], cfg.tokens_per_language, cfg.max_sequence_tokens)
-                 for lang in langs}
-    for lang in langs:
-        n = sum(map(len, sequences[lang]))
-        if n < MIN_SHARE * cfg.tokens_per_language:
-            raise PolyalignError(f"neurons: language {lang!r} has only {n} tokens of text, under "
-                                 f"{MIN_SHARE:.0%} of --tokens-per-language {cfg.tokens_per_language}; "
-                                 f"give more text (--data) or a smaller budget")
+    sequences = language_sequences(tok, texts, langs, cfg.tokens_per_language, cfg.max_sequence_tokens, "neurons",
+                                   hint="; give more text (--data) or a smaller budget")
 
     output = Path(cfg.output) if cfg.output is not None else None
     if output is not None:

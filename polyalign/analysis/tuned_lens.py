@@ -292,9 +292,9 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
     Under several processes rank 0 returns the result, the others None."""
     from tqdm.auto import tqdm
 
-    from polyalign.analysis.activations import language_texts, shared_prefix, token_sequences
+    from polyalign.analysis.activations import language_texts, shared_prefix
     from polyalign.analysis.common import AnalysedModel, model_fingerprint
-    from polyalign.analysis.neurons import MIN_SHARE
+    from polyalign.analysis.neurons import language_sequences
     from polyalign.models import load_tokenizer
     from polyalign.engine.model_parts import decoder_of, unwrap
     from polyalign.engine.runner import PrefixRunner
@@ -307,13 +307,7 @@ def tune_lens(cfg: TuneLensConfig) -> TuneLensResult | None:
         check_adapter(cfg.adapter)
     texts = language_texts(langs, cfg.data, cfg.tasks)
     tok = load_tokenizer(cfg.model)
-    per_lang = {lang: token_sequences(tok, texts[lang], cfg.tokens_per_language, cfg.max_sequence_tokens)
-                for lang in langs}
-    for lang in langs:
-        n = sum(map(len, per_lang[lang]))
-        if n < MIN_SHARE * cfg.tokens_per_language:
-            raise PolyalignError(f"tune-lens: language {lang!r} has only {n} tokens of text, under "
-                                 f"{MIN_SHARE:.0%} of --tokens-per-language {cfg.tokens_per_language}")
+    per_lang = language_sequences(tok, texts, langs, cfg.tokens_per_language, cfg.max_sequence_tokens, "tune-lens")
     sequences = mixed_sequences(per_lang, cfg.seed)
     plan = step_plan(sequences, cfg.tokens_per_step, cfg.steps)
     out = Path(cfg.output)
