@@ -182,10 +182,12 @@ def _gguf_parsed_once():
     readers: dict = {}
     metadata: dict = {}
 
+    plain_reader = _plain_view_reader(reader_cls)
+
     def reader(path, *args, **kwargs):
         key = (str(path), args, tuple(sorted(kwargs.items())))
         if key not in readers:
-            readers[key] = reader_cls(path, *args, **kwargs)
+            readers[key] = plain_reader(path, *args, **kwargs)
         return readers[key]
 
     def load_once(path, return_tensors=False, **kwargs):
@@ -200,6 +202,33 @@ def _gguf_parsed_once():
         yield
     finally:
         gguf.GGUFReader, mg.load_gguf_checkpoint = reader_cls, load
+
+
+def _plain_view_reader(reader_cls):
+    """gguf's GGUFReader, reading its fields through a plain ndarray view of the mapped file. The stock
+    reader slices an np.memmap once for every part of every field (786k for Gemma's vocabulary), and
+    each slice runs memmap's Python-level __getitem__ and __array_finalize__: 9.4 s -> 2.9 s on a
+    2-core CPU, the same fields and tensors (compared in the tests). Falls back to the stock reader
+    where gguf's private _get is not the one this was written against."""
+    import inspect
+
+    import numpy as np
+
+    get = getattr(reader_cls, "_get", None)
+    if get is None or list(inspect.signature(get).parameters) != ["self", "offset", "dtype", "count", "override_order"]:
+        return reader_cls
+
+    class PlainViewReader(reader_cls):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            dt = np.dtype(dtype)
+            arr = plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return PlainViewReader
 
 
 @dataclass
