@@ -21,7 +21,7 @@ if [ $# -lt 2 ]; then
 fi
 cpus=$1
 shift
-quota=$(python3 -c "import sys; q = float(sys.argv[1]); assert q > 0; print(int(q * 100000))" "$cpus") || {
+quota=$(python3 -c "import sys; q = float(sys.argv[1]); assert q > 0; print(int(q * 100000))" "$cpus" 2>/dev/null) || {
   echo "avx2_standin: CPUS must be a positive number, got '$cpus'" >&2
   exit 2
 }
