@@ -137,10 +137,13 @@ def test_fast_loss_equals_the_models_own_loss(tiny_model_path, tiny_tokenizer):
             assert float((g_fast[n] - p.grad).abs().max()) < 1e-3 * scale, n
 
 
-def test_chunked_ce_paths_agree():
+@pytest.mark.parametrize("rows", [2, 3, 10 ** 6])      # a few rows at a time (CPU), or whole chunks (as on a GPU)
+def test_chunked_ce_paths_agree(rows, monkeypatch):
     """The hand-written softmax gradient (linear heads) == autograd (any other head) == a plain CE."""
     import torch
     import torch.nn.functional as F
+
+    monkeypatch.setattr(T, "CE_ROWS", rows)
 
     torch.manual_seed(0)
     h, t = torch.randn(10, 16), torch.randint(0, 50, (10,))
