@@ -7,7 +7,8 @@ element-wise work, the validation passes, padding, the lens, loading and install
 Per token, a decoder-layer weight matrix costs 2 FLOPs per parameter forward; training adds the same
 again backward for the input gradient (the base is frozen: no weight gradients but LoRA's, which are
 negligible). The vocabulary head costs 2 * hidden * vocab per scored position forward, and as much again
-backward in training. Evaluation scores one answer position per item and reference prompt.
+backward in training. Evaluation scores one answer position per item (calibration's few reference
+prompts per language are left out).
 """
 from __future__ import annotations
 
@@ -15,30 +16,26 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_eval import matmul_peak
+from bench_eval import layer_params, matmul_peak
+
+from polyalign.engine.model_parts import unwrap
 
 
-def shapes(model_dir: str) -> tuple[int, int, int]:
-    """(decoder-layer parameters, hidden size, vocabulary) from a Hugging Face config.json."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    hd = cfg.get("head_dim") or h // heads
-    per_layer = h * hd * (2 * heads + 2 * kv) + 3 * h * inter      # q, o; k, v; gate, up, down
-    return layers * per_layer, h, cfg["vocab_size"]
+def shapes(model: str) -> tuple[int, int, int]:
+    """(decoder-layer parameters, hidden size, vocabulary) of a model, counted as bench_eval counts them."""
+    from polyalign.models import load_model
+    m = unwrap(load_model(model, "fp32", "cpu", progress=False).model)
+    head = m.get_output_embeddings().weight
+    return layer_params(m), head.shape[1], head.shape[0]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run", help="a `polyalign run` folder")
     ap.add_argument("--peak", type=float, default=None, help="matmul peak in GFLOP/s (default: measure fp32 here)")
-    ap.add_argument("--model-dir", default=None, help="the model's folder (default: the embedded Gemma's cache)")
+    ap.add_argument("--model", default="gemma-3-270m", help="the model the run used")
     args = ap.parse_args()
-    if args.model_dir is None:
-        from polyalign.models import embedded_gemma_path
-        args.model_dir = str(embedded_gemma_path())
-    params, hidden, vocab = shapes(args.model_dir)
+    params, hidden, vocab = shapes(args.model)
     if args.peak is None:
         import torch
         args.peak = matmul_peak(torch.float32, torch.device("cpu")) / 1e9
